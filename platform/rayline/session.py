@@ -1,0 +1,227 @@
+"""The Spark-on-Ray session: connect to Ray, start Spark inside it with RayDP, always stop it.
+
+Example:
+    >>> from rayline.config import SessionConfig
+    >>> with spark_on_ray(SessionConfig(), warehouse="warehouse") as spark:  # doctest: +SKIP
+    ...     spark.range(10).count()
+    10
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .config import SessionConfig
+
+__all__ = ["JAVA17_OPENS", "jvm_options", "spark_conf", "spark_on_ray", "ensure_java"]
+
+log = logging.getLogger(__name__)
+
+# Packages RayDP's and Spark's JVMs reach into reflectively; Java 17 refuses without these.
+JAVA17_OPENS = [
+    "java.base/java.lang",
+    "java.base/java.lang.invoke",
+    "java.base/java.lang.reflect",
+    "java.base/java.io",
+    "java.base/java.net",
+    "java.base/java.nio",
+    "java.base/java.math",
+    "java.base/java.text",
+    "java.base/java.time",
+    "java.base/java.util",
+    "java.base/java.util.concurrent",
+    "java.base/java.util.concurrent.atomic",
+    "java.base/java.util.regex",
+    "java.base/sun.nio.ch",
+    "java.base/sun.nio.cs",
+    "java.base/sun.security.action",
+    "java.base/sun.util.calendar",
+    "java.base/jdk.internal.misc",
+    "java.base/jdk.internal.ref",
+]
+
+
+def jvm_options() -> list[str]:
+    """The JVM flags every Spark/RayDP JVM needs on Java 17."""
+    return [f"--add-opens={p}=ALL-UNNAMED" for p in JAVA17_OPENS] + [
+        "-Dio.netty.tryReflectionSetAccessible=true"
+    ]
+
+
+def _merge_java_env(existing: str | None) -> str:
+    opts = jvm_options()
+    have = existing.split() if existing else []
+    return " ".join(have + [o for o in opts if o not in have])
+
+
+def ensure_java() -> None:
+    """Fail early, clearly, when no Java 17+ is on PATH (or JAVA_HOME)."""
+    import shutil
+    import subprocess
+
+    java = (
+        str(Path(os.environ["JAVA_HOME"]) / "bin" / "java")
+        if os.environ.get("JAVA_HOME")
+        else shutil.which("java")
+    )
+    if not java or not Path(java).exists():
+        raise RuntimeError(
+            "Java not found: Spark-on-Ray needs Java 17 (install openjdk-17-jre-headless or set "
+            "JAVA_HOME)."
+        )
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    first = out.splitlines()[0] if out else ""
+    try:
+        major = int(first.split('"')[1].split(".")[0])
+    except (IndexError, ValueError):
+        return
+    if major < 17:
+        raise RuntimeError(f"{java} is Java {major}; Spark-on-Ray here needs Java 17 ({first})")
+
+
+def spark_conf(cfg: SessionConfig, warehouse: str | os.PathLike[str]) -> dict[str, str]:
+    """Spark settings for a session: JVM flags, resources, adaptive execution, the catalog."""
+    wh = Path(warehouse).resolve()
+    java_opts = " ".join(jvm_options())
+    cores = cfg.num_executors * cfg.executor_cores
+    conf = {
+        "spark.driver.memory": cfg.driver_memory,
+        "spark.driver.extraJavaOptions": f"{java_opts} -Dderby.system.home={wh}",
+        "spark.executor.extraJavaOptions": java_opts,
+        "spark.ray.raydp_app_master.extraJavaOptions": java_opts,
+        "spark.ray.raydp_spark_executor.actor.resource.cpu": str(cfg.executor_cpus),
+        "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions or max(2, 2 * cores)),
+        "spark.sql.adaptive.enabled": "true",
+        "spark.sql.adaptive.coalescePartitions.enabled": "true",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.warehouse.dir": str(wh),
+        "spark.sql.sources.partitionOverwriteMode": "dynamic",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        # Executors lost mid-run (an actor killed) are replaced; let tasks retry meanwhile.
+        "spark.task.maxFailures": "8",
+        "spark.stage.maxConsecutiveAttempts": "8",
+    }
+    if cfg.enable_hive:
+        url = cfg.metastore_url or f"jdbc:derby:;databaseName={wh / '_metastore_db'};create=true"
+        conf["spark.sql.catalogImplementation"] = "hive"
+        conf["spark.hadoop.javax.jdo.option.ConnectionURL"] = url
+        conf["spark.hadoop.datanucleus.schema.autoCreateAll"] = "true"
+        conf["spark.hadoop.hive.metastore.schema.verification"] = "false"
+    conf.update(cfg.spark_conf)
+    return conf
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM so that cleanup runs (``ray job stop``)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Interrupted(f"received signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _connect_ray(cfg: SessionConfig) -> bool:
+    """Connect to (or start) Ray. Returns True when this call started/connected it."""
+    import ray
+
+    java_env = _merge_java_env(os.environ.get("JDK_JAVA_OPTIONS"))
+    if ray.is_initialized():
+        os.environ["JDK_JAVA_OPTIONS"] = java_env
+        return False
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {"JDK_JAVA_OPTIONS": java_env}}
+    if address:
+        log.info("connecting to Ray at %s", address)
+        os.environ["JDK_JAVA_OPTIONS"] = java_env
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        return True
+    # A local instance: its raylet (and so every Java worker) inherits this environment.
+    os.environ["JDK_JAVA_OPTIONS"] = java_env
+    if cfg.local_ip:
+        os.environ.setdefault("SPARK_LOCAL_IP", cfg.local_ip)
+    num_cpus = cfg.num_cpus or (
+        (os.cpu_count() or 2) + int(round(cfg.num_executors * cfg.executor_cpus))
+    )
+    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False}
+    if cfg.local_ip:
+        kwargs["_node_ip_address"] = cfg.local_ip
+    log.info("starting a local Ray instance with %d logical CPUs", num_cpus)
+    ray.init(**kwargs)
+    return True
+
+
+@contextlib.contextmanager
+def spark_on_ray(
+    cfg: SessionConfig, warehouse: str | os.PathLike[str] = "warehouse"
+) -> Iterator[Any]:
+    """Start Spark inside Ray with RayDP and yield the SparkSession.
+
+    Spark is always stopped on exit, also on errors, Ctrl-C and SIGTERM; Ray is shut down only
+    when this call started it.
+
+    Args:
+        cfg: Session settings (executors, cores, memory, Ray address).
+        warehouse: Directory of output tables and of the embedded metastore.
+
+    Yields:
+        A ``pyspark.sql.SparkSession`` whose executors are Ray actors.
+    """
+    ensure_java()
+    Path(warehouse).mkdir(parents=True, exist_ok=True)
+    import ray
+    import raydp
+
+    t0 = time.perf_counter()
+    started_ray = False
+    spark = None
+    with _sigterm_as_interrupt():
+        try:
+            started_ray = _connect_ray(cfg)
+            t1 = time.perf_counter()
+            spark = raydp.init_spark(
+                app_name=cfg.app_name,
+                num_executors=cfg.num_executors,
+                executor_cores=cfg.executor_cores,
+                executor_memory=cfg.executor_memory,
+                enable_hive=cfg.enable_hive,
+                configs=spark_conf(cfg, warehouse),
+            )
+            spark.sparkContext.setLogLevel("WARN")
+            log.info(
+                "Spark-on-Ray ready: ray %.1fs, spark %.1fs (%d executor(s) x %d core(s))",
+                t1 - t0,
+                time.perf_counter() - t1,
+                cfg.num_executors,
+                cfg.executor_cores,
+            )
+            yield spark
+        finally:
+            if spark is not None or started_ray:
+                with contextlib.suppress(Exception):
+                    raydp.stop_spark()
+            if started_ray:
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+            sys.stderr.flush()

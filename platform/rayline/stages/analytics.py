@@ -1,0 +1,245 @@
+"""Analytics stage: distributed statistics of the current DataFrame, written as JSON and charts.
+
+Two Spark passes, both aggregations (nothing but the small results reaches the driver):
+1. count, nulls, mean, stddev, min, max and approximate quantiles of each numeric column, the
+   Pearson correlation of each pair, and the approximate cardinality of each categorical one;
+2. one exploded group-by giving every numeric column's histogram and outlier count and every
+   categorical column's top values.
+A few outlier rows per column are then sampled with a limit.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ..config import AnalyticsStage
+from ..context import RunContext, StageError
+
+__all__ = ["run", "render_charts"]
+
+NUMERIC = ("tinyint", "smallint", "int", "bigint", "float", "double")
+
+
+def _c(name: str) -> Any:
+    from pyspark.sql import functions as F
+
+    return F.col(f"`{name}`")
+
+
+def _num(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else x
+
+
+def _pick_columns(df: Any, cfg: AnalyticsStage) -> tuple[list[str], list[str]]:
+    types = {f.name: f.dataType.simpleString() for f in df.schema.fields}
+    for given in (cfg.numeric_columns or []) + (cfg.categorical_columns or []):
+        if given not in types:
+            raise StageError("analytics", f"unknown column {given!r}; available: {sorted(types)}")
+    numeric = cfg.numeric_columns or [
+        n for n, t in types.items() if t in NUMERIC or t.startswith("decimal")
+    ]
+    categorical = cfg.categorical_columns or [n for n, t in types.items() if t == "string"]
+    return numeric, categorical
+
+
+def _first_pass(df: Any, numeric: list[str], categorical: list[str], cfg: AnalyticsStage) -> dict[str, Any]:
+    from pyspark.sql import functions as F
+
+    qs = sorted(set(cfg.quantiles) | {0.25, 0.75})
+    aggs = [F.count(F.lit(1)).alias("_n")]
+    for i, c in enumerate(numeric):
+        x = _c(c).cast("double")
+        aggs += [
+            F.count(x).alias(f"n{i}"),
+            F.mean(x).alias(f"mean{i}"),
+            F.stddev_samp(x).alias(f"sd{i}"),
+            F.min(x).alias(f"min{i}"),
+            F.max(x).alias(f"max{i}"),
+            F.percentile_approx(x, qs, 10000).alias(f"q{i}"),
+        ]
+    pairs = [(a, b) for i, a in enumerate(numeric) for b in numeric[i + 1 :]] if cfg.correlation else []
+    for k, (a, b) in enumerate(pairs):
+        aggs.append(F.corr(_c(a).cast("double"), _c(b).cast("double")).alias(f"corr{k}"))
+    for j, c in enumerate(categorical):
+        aggs += [F.count(_c(c)).alias(f"cn{j}"), F.approx_count_distinct(_c(c)).alias(f"cd{j}")]
+    row = df.agg(*aggs).first().asDict()
+    total = int(row["_n"])
+    stats: dict[str, Any] = {}
+    for i, c in enumerate(numeric):
+        qv = row[f"q{i}"] or [None] * len(qs)
+        stats[c] = {
+            "count": int(row[f"n{i}"]),
+            "nulls": total - int(row[f"n{i}"]),
+            "mean": _num(row[f"mean{i}"]),
+            "stddev": _num(row[f"sd{i}"]),
+            "min": _num(row[f"min{i}"]),
+            "max": _num(row[f"max{i}"]),
+            "quantiles": {str(q): _num(v) for q, v in zip(qs, qv, strict=True)},
+        }
+    corr = {c: {c2: (1.0 if c == c2 else None) for c2 in numeric} for c in numeric}
+    for k, (a, b) in enumerate(pairs):
+        corr[a][b] = corr[b][a] = _num(row[f"corr{k}"])
+    cats = {
+        c: {"count": int(row[f"cn{j}"]), "nulls": total - int(row[f"cn{j}"]), "cardinality": int(row[f"cd{j}"])}
+        for j, c in enumerate(categorical)
+    }
+    return {"rows": total, "numeric": stats, "correlation": corr if cfg.correlation else None, "categorical": cats}
+
+
+def _fences(s: dict[str, Any], cfg: AnalyticsStage) -> tuple[float, float] | None:
+    if cfg.outlier_method == "iqr":
+        q1, q3 = s["quantiles"].get("0.25"), s["quantiles"].get("0.75")
+        if q1 is None or q3 is None:
+            return None
+        iqr = q3 - q1
+        return q1 - cfg.outlier_threshold * iqr, q3 + cfg.outlier_threshold * iqr
+    if s["mean"] is None or not s["stddev"]:
+        return None
+    return s["mean"] - cfg.outlier_threshold * s["stddev"], s["mean"] + cfg.outlier_threshold * s["stddev"]
+
+
+def _second_pass(
+    df: Any, numeric: list[str], categorical: list[str], first: dict[str, Any], cfg: AnalyticsStage
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Histograms, outlier counts and top values in one exploded aggregation."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.window import Window
+
+    items = []
+    fences: dict[str, tuple[float, float]] = {}
+    widths: dict[str, tuple[float, float]] = {}
+    for k, c in enumerate(numeric):
+        s = first["numeric"][c]
+        if s["min"] is None:
+            continue
+        lo, hi = s["min"], s["max"]
+        width = (hi - lo) / cfg.histogram_bins if hi > lo else 1.0
+        widths[c] = (lo, width)
+        x = _c(c).cast("double")
+        bucket = F.least(F.floor((x - F.lit(lo)) / F.lit(width)), F.lit(cfg.histogram_bins - 1))
+        f = _fences(s, cfg)
+        out = F.lit(False)
+        if f:
+            fences[c] = f
+            out = (x < f[0]) | (x > f[1])
+        items.append(
+            F.struct(F.lit(k).alias("k"), bucket.cast("string").alias("v"), F.coalesce(out, F.lit(False)).alias("o"))
+        )
+    base = len(numeric)
+    for j, c in enumerate(categorical):
+        items.append(F.struct(F.lit(base + j).alias("k"), _c(c).cast("string").alias("v"), F.lit(False).alias("o")))
+    if not items:
+        return {}, {}
+    grouped = (
+        df.select(F.explode(F.array(*items)).alias("e"))
+        .where(F.col("e.v").isNotNull())
+        .groupBy(F.col("e.k").alias("k"), F.col("e.v").alias("v"))
+        .agg(F.count(F.lit(1)).alias("n"), F.sum(F.col("e.o").cast("long")).alias("o"))
+    )
+    w = Window.partitionBy("k").orderBy(F.col("n").desc(), F.col("v"))
+    # Numeric buckets are few (<= bins); categorical values are cut to the top k in Spark.
+    small = grouped.withColumn("rank", F.row_number().over(w)).where(
+        (F.col("k") < base) | (F.col("rank") <= cfg.top_k)
+    )
+    hist: dict[str, Any] = {}
+    top: dict[str, Any] = {c: [] for c in categorical}
+    outliers: dict[str, int] = {c: 0 for c in fences}
+    counts: dict[str, dict[int, int]] = {}
+    for r in small.collect():
+        k = int(r["k"])
+        if k < base:
+            c = numeric[k]
+            counts.setdefault(c, {})[int(float(r["v"]))] = int(r["n"])
+            if c in outliers:
+                outliers[c] += int(r["o"] or 0)
+        else:
+            top[categorical[k - base]].append({"value": r["v"], "count": int(r["n"])})
+    for c, (lo, width) in widths.items():
+        hist[c] = {
+            "edges": [lo + i * width for i in range(cfg.histogram_bins + 1)],
+            "counts": [counts.get(c, {}).get(i, 0) for i in range(cfg.histogram_bins)],
+        }
+    for c in top:
+        top[c].sort(key=lambda e: (-e["count"], e["value"]))
+    out = {c: {"method": cfg.outlier_method, "threshold": cfg.outlier_threshold, "low": f[0], "high": f[1], "count": outliers[c]} for c, f in fences.items()}
+    return {"histograms": hist, "top_values": top}, out
+
+
+def render_charts(report: dict[str, Any], out_dir: Path, prefix: str) -> dict[str, str]:
+    """Histogram grid and correlation heatmap as PNG files; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    charts: dict[str, str] = {}
+    hist = report.get("histograms") or {}
+    if hist:
+        n = len(hist)
+        cols = min(4, n)
+        rows = math.ceil(n / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+        for ax, (c, h) in zip(axes.flat, hist.items(), strict=False):
+            e = h["edges"]
+            ax.bar(e[:-1], h["counts"], width=(e[1] - e[0]) if len(e) > 1 else 1, align="edge", color="#4C72B0")
+            ax.set_title(c, fontsize=9)
+            ax.tick_params(labelsize=7)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        fig.tight_layout()
+        p = out_dir / f"{prefix}_histograms.png"
+        fig.savefig(p, dpi=80)
+        plt.close(fig)
+        charts["histograms"] = str(p)
+    corr = report.get("correlation")
+    if corr and len(corr) > 1:
+        names = list(corr)
+        m = [[(corr[a][b] if corr[a][b] is not None else float("nan")) for b in names] for a in names]
+        fig, ax = plt.subplots(figsize=(1 + 0.5 * len(names), 0.8 + 0.5 * len(names)))
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set_title("Pearson correlation", fontsize=9)
+        fig.tight_layout()
+        p = out_dir / f"{prefix}_correlation.png"
+        fig.savefig(p, dpi=80)
+        plt.close(fig)
+        charts["correlation"] = str(p)
+    return charts
+
+
+def run(df: Any, cfg: AnalyticsStage, ctx: RunContext) -> tuple[Any, dict[str, Any]]:
+    """Profile the DataFrame; it passes through unchanged."""
+    from pyspark.sql import functions as F
+
+    if df is None:
+        raise StageError(ctx.stage, "no input: an analytics stage needs a previous transform")
+    try:
+        numeric, categorical = _pick_columns(df, cfg)
+    except StageError as e:
+        raise StageError(ctx.stage, str(e).split(": ", 1)[1]) from None
+    ctx.progress(f"profiling {len(numeric)} numeric and {len(categorical)} categorical column(s)")
+    report = _first_pass(df, numeric, categorical, cfg)
+    extra, outliers = _second_pass(df, numeric, categorical, report, cfg)
+    report.update(extra)
+    for c, o in outliers.items():
+        if o["count"] and cfg.sample_size:
+            rows = (
+                df.where((_c(c) < o["low"]) | (_c(c) > o["high"]))
+                .select(F.to_json(F.struct(*[_c(x) for x in df.columns])).alias("j"))
+                .limit(cfg.sample_size)
+                .collect()
+            )
+            import json
+
+            o["samples"] = [json.loads(r["j"]) for r in rows]
+    report["outliers"] = outliers
+    report["charts"] = render_charts(report, ctx.run_dir / "charts", ctx.stage)
+    return df, report

