@@ -177,6 +177,14 @@ class SourceSpec(_Model):
         description="What to do when the inferred schema differs from the contract or the last "
         "accepted schema: fail the run, evolve (accept and record a new version), or warn.",
     )
+    max_malformed_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Rows that do not parse against the accepted schema are quarantined as "
+        "malformed; beyond this fraction of a column's values (a column of the wrong type) or "
+        "of all rows, the run fails instead.",
+    )
     infer_sample_fraction: float = Field(
         1.0,
         gt=0,
@@ -264,7 +272,10 @@ class DedupeStep(_Model):
 class JoinStep(_Model):
     op: Literal["join"]
     source: str = Field(..., description="Name of the source joined in.")
-    on: list[str] = Field(..., min_length=1, description="Key columns present on both sides.")
+    on: list[str] = Field(..., min_length=1, description="Key columns of the pipeline's data.")
+    right_on: list[str] | None = Field(
+        None, description="Matching key columns of the joined source (default: same as on)."
+    )
     how: Literal["inner", "left"] = Field("left", description="Join type.")
     columns: list[str] | None = Field(
         None, description="Columns taken from the joined source (default: all but the keys)."
@@ -273,6 +284,13 @@ class JoinStep(_Model):
     broadcast: bool = Field(
         False, description="Broadcast the joined source (small lookup tables)."
     )
+
+
+    @model_validator(mode="after")
+    def _keys(self) -> JoinStep:
+        if self.right_on is not None and len(self.right_on) != len(self.on):
+            raise ValueError(f"right_on has {len(self.right_on)} keys, on has {len(self.on)}")
+        return self
 
 
 class TimestampStep(_Model):

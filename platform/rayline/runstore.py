@@ -135,11 +135,17 @@ class RunStore:
         d = self._schema_dir(pipeline, source)
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"v{version}.json"
-        # O_EXCL: two runs accepting at once get distinct versions or one retries.
+        # Write a complete temp file, then hard-link it to the version's name: link() fails if
+        # the name exists, so two runs accepting at once get distinct versions, and a reader
+        # never sees a half-written file.
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".v", suffix=".tmp")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return self.accept_schema(pipeline, source, columns, run_id, note)
-        with os.fdopen(fd, "w") as f:
-            f.write(_dumps(doc))
+            with os.fdopen(fd, "w") as f:
+                f.write(_dumps(doc))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return self.accept_schema(pipeline, source, columns, run_id, note)
+        finally:
+            os.unlink(tmp)
         return version

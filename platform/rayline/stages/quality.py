@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from datetime import datetime
 from typing import Any
 
@@ -249,7 +250,9 @@ def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any
 
     base = str(ctx.stage_dir() / "rows")
     ctx.progress(f"evaluating {len(cfg.rules)} rule(s) in one pass")
-    annotated.write.mode("overwrite").partitionBy(FLAG).parquet(base)
+    if os.path.exists(base):  # a resumed attempt: never mix in the last attempt's partitions
+        shutil.rmtree(base)
+    annotated.write.partitionBy(FLAG).parquet(base)
     full, clean, bad = _read_parts(ctx, base, annotated.drop(FLAG).schema)
 
     report = _summarise(full, cfg, ctx, list(flags))

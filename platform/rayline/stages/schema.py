@@ -94,11 +94,63 @@ def _struct(columns: list[dict[str, Any]]) -> Any:
 
 
 def _describe(ch: dict[str, Any]) -> str:
+    if ch["kind"] == "incompatible" and "bad_values" in ch:
+        return (
+            f"column {ch['column']!r} incompatible: expected {ch['from']}, found {ch['to']} "
+            f"({ch['bad_values']:,} of {ch['values']:,} values are not {ch['from']}, "
+            f"e.g. {ch['sample']!r})"
+        )
     if ch["kind"] in ("widened", "incompatible"):
         return f"column {ch['column']!r} {ch['kind']}: expected {ch['from']}, found {ch['to']}"
+    if ch["kind"] == "stray_values":
+        return f"column {ch['column']!r}: {ch['bad_values']:,} value(s) not {ch['from']}"
     if ch["kind"] == "added":
         return f"column {ch['column']!r} added ({ch['type']})"
     return f"column {ch['column']!r} ({ch['type']}) removed"
+
+
+def _forgive_stray_values(ctx: RunContext, name: str, changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tell a column of the wrong type from a few malformed values in a text source.
+
+    Inference calls a column string if any sampled value does not parse. When at most
+    ``max_malformed_fraction`` of its values fail to cast to the expected type, the column keeps
+    its expected type and those rows are quarantined as malformed; otherwise it stays an
+    incompatible change (an error naming the column and a bad value).
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    spec = ctx.spec.sources[name]
+    bad = [c for c in changes if c["kind"] == "incompatible"]
+    if not bad or spec.format == "parquet":
+        return changes
+    names = [f.name for f in infer_schema(ctx.spark, name, spec, ctx.paths(name)).fields]
+    r = ctx.spark.read.format(spec.format).schema(StructType([StructField(n, StringType()) for n in names]))
+    for k, v in {"header": "true", **spec.options}.items():
+        r = r.option(k, v)
+    text = r.load(ctx.paths(name))
+    aggs = []
+    for i, c in enumerate(bad):
+        col = F.col(f"`{c['column']}`")
+        fails = col.isNotNull() & col.cast(c["from"]).isNull()
+        aggs += [
+            F.count(col).alias(f"n{i}"),
+            F.sum(fails.cast("long")).alias(f"b{i}"),
+            F.first(F.when(fails, col), ignorenulls=True).alias(f"s{i}"),
+        ]
+    row = text.agg(*aggs).first()
+    out = [c for c in changes if c["kind"] != "incompatible"]
+    for i, c in enumerate(bad):
+        n, b = int(row[f"n{i}"] or 0), int(row[f"b{i}"] or 0)
+        c = {**c, "values": n, "bad_values": b, "sample": row[f"s{i}"]}
+        if n and b / n <= spec.max_malformed_fraction:
+            c["kind"] = "stray_values"
+            ctx.progress(
+                f"source {name!r}: {b:,} of {n:,} values of {c['column']!r} are not {c['from']}; "
+                "their rows will be quarantined as malformed"
+            )
+        out.append(c)
+    return out
 
 
 def _check_source(name: str, ctx: RunContext) -> dict[str, Any]:
@@ -116,10 +168,11 @@ def _check_source(name: str, ctx: RunContext) -> dict[str, Any]:
         expected, basis = observed, "inferred"
 
     changes, merged = diff_columns(expected, observed)
+    changes = _forgive_stray_values(ctx, name, changes)
     policy = spec.on_schema_change
     errors = [c for c in changes if c["kind"] == "incompatible"]
     if policy == "fail":
-        errors = changes
+        errors = [c for c in changes if c["kind"] != "stray_values"]
     if errors:
         detail = "; ".join(_describe(c) for c in errors)
         raise StageError(
@@ -137,7 +190,7 @@ def _check_source(name: str, ctx: RunContext) -> dict[str, Any]:
         accepted = [c for c in merged if c["name"] in exp_names]
         missing = [c for c in expected if c["name"] not in {m["name"] for m in merged}]
         accepted = accepted + missing
-        for ch in changes:
+        for ch in (c for c in changes if c["kind"] != "stray_values"):
             ctx.progress(f"WARNING source {name!r}: {_describe(ch)} (on_schema_change=warn)")
 
     version = latest[0] if latest else None
@@ -161,6 +214,13 @@ def _check_source(name: str, ctx: RunContext) -> dict[str, Any]:
     if rows == 0:
         raise StageError(ctx.stage, f"source {name!r} ({spec.path}) is empty: no rows")
     ctx.progress(f"source {name!r}: {rows:,} rows, {malformed:,} malformed, schema v{version}")
+    if malformed / rows > spec.max_malformed_fraction:
+        raise StageError(
+            ctx.stage,
+            f"source {name!r} ({spec.path}): {malformed:,} of {rows:,} rows "
+            f"({malformed / rows:.1%}) do not parse against the accepted schema, above "
+            f"max_malformed_fraction={spec.max_malformed_fraction}",
+        )
     return {
         "paths": paths,
         "fingerprint": ctx.source_fingerprints[name],

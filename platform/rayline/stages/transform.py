@@ -77,12 +77,13 @@ def _apply(df: Any, step: Any, where: str, source: Any) -> Any:
             )
         if isinstance(step, JoinStep):
             other = source(step.source)
+            right_on = step.right_on or step.on
             _need(df, step.on, where)
-            _need(other, step.on, f"{where} (source {step.source!r})")
-            cols = step.columns or [c for c in other.columns if c not in step.on]
+            _need(other, right_on, f"{where} (source {step.source!r})")
+            cols = step.columns or [c for c in other.columns if c not in right_on]
             _need(other, cols, f"{where} (source {step.source!r})")
             right = other.select(
-                *[F.col(f"`{c}`") for c in step.on],
+                *[F.col(f"`{r}`").alias(c) for c, r in zip(step.on, right_on, strict=True)],
                 *[F.col(f"`{c}`").alias(step.prefix + c) for c in cols],
             )
             clash = sorted(set(step.prefix + c for c in cols) & (set(df.columns) - set(step.on)))
