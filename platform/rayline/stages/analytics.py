@@ -121,7 +121,11 @@ def _second_pass(
         width = (hi - lo) / cfg.histogram_bins if hi > lo else 1.0
         widths[c] = (lo, width)
         x = _c(c).cast("double")
-        bucket = F.least(F.floor((x - F.lit(lo)) / F.lit(width)), F.lit(cfg.histogram_bins - 1))
+        # least() skips nulls, so guard them: a null value belongs to no bucket.
+        bucket = F.when(
+            x.isNotNull(),
+            F.least(F.floor((x - F.lit(lo)) / F.lit(width)), F.lit(cfg.histogram_bins - 1)),
+        )
         f = _fences(s, cfg)
         out = F.lit(False)
         if f:
