@@ -376,7 +376,7 @@ class UniqueRule(_RuleBase):
 
 class RangeRule(_RuleBase):
     type: Literal["range"]
-    column: str
+    column: str = Field(..., description="Numeric column checked.")
     min: float | None = Field(None, description="Lower bound.")
     max: float | None = Field(None, description="Upper bound.")
     inclusive: bool = Field(True, description="Whether the bounds themselves are allowed.")
@@ -392,7 +392,7 @@ class RangeRule(_RuleBase):
 
 class RegexRule(_RuleBase):
     type: Literal["regex"]
-    column: str
+    column: str = Field(..., description="Column checked (as text).")
     pattern: str = Field(..., description="Java regular expression the whole value must match.")
 
     @field_validator("pattern")
@@ -407,8 +407,10 @@ class RegexRule(_RuleBase):
 
 class InSetRule(_RuleBase):
     type: Literal["in_set"]
-    column: str
-    values: list[str | int | float | bool] = Field(..., min_length=1)
+    column: str = Field(..., description="Column checked.")
+    values: list[str | int | float | bool] = Field(
+        ..., min_length=1, description="Allowed values."
+    )
 
 
 class ReferentialRule(_RuleBase):
@@ -423,8 +425,8 @@ class RowCountRule(_RuleBase):
         "fail", description="A dataset rule has no rows to quarantine: warn or fail."
     )
     type: Literal["row_count"]
-    min: int | None = Field(None, ge=0)
-    max: int | None = Field(None, ge=0)
+    min: int | None = Field(None, ge=0, description="Fewest rows allowed.")
+    max: int | None = Field(None, ge=0, description="Most rows allowed.")
 
     @model_validator(mode="after")
     def _bounds(self) -> RowCountRule:
@@ -500,14 +502,14 @@ class TransformStage(_StageBase):
         None,
         description="Source to start from. Unset: the output of the previous stage.",
     )
-    steps: list[TransformStep] = Field(..., min_length=1)
+    steps: list[TransformStep] = Field(..., min_length=1, description="Steps, applied in order.")
 
 
 class QualityStage(_StageBase):
     """Rules over the current DataFrame; failing rows are quarantined with their reasons."""
 
     type: Literal["quality"]
-    rules: list[QualityRule] = Field(..., min_length=1)
+    rules: list[QualityRule] = Field(..., min_length=1, description="Rules, each with a unique name.")
     sample_size: int = Field(5, ge=0, le=100, description="Failing rows shown per rule.")
 
     @field_validator("rules")
@@ -528,12 +530,16 @@ class AnalyticsStage(_StageBase):
     categorical_columns: list[str] | None = Field(
         None, description="Default: all string columns."
     )
-    quantiles: list[float] = Field([0.05, 0.25, 0.5, 0.75, 0.95])
-    outlier_method: Literal["iqr", "zscore"] = Field("iqr")
+    quantiles: list[float] = Field(
+        [0.05, 0.25, 0.5, 0.75, 0.95], description="Approximate quantiles per numeric column."
+    )
+    outlier_method: Literal["iqr", "zscore"] = Field(
+        "iqr", description="Outliers beyond IQR fences or beyond |z| from the mean."
+    )
     outlier_threshold: float = Field(
         1.5, gt=0, description="IQR multiplier (iqr) or |z| limit (zscore, e.g. 3)."
     )
-    histogram_bins: int = Field(20, ge=2, le=200)
+    histogram_bins: int = Field(20, ge=2, le=200, description="Buckets per histogram.")
     top_k: int = Field(10, ge=1, le=100, description="Top values per categorical column.")
     sample_size: int = Field(5, ge=0, le=100, description="Outlier rows shown per column.")
     correlation: bool = Field(True, description="Compute the Pearson correlation matrix.")
@@ -554,12 +560,20 @@ Stage = Annotated[
 class OutputSpec(_Model):
     """A table written as Parquet under the warehouse and registered in the catalog."""
 
-    table: str = Field(..., pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
-    partition_by: list[str] = Field(default_factory=list)
-    mode: Literal["overwrite", "append"] = Field("overwrite")
+    table: str = Field(
+        ...,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$",
+        description="Catalog table name (optionally db.table); also its directory name.",
+    )
+    partition_by: list[str] = Field(default_factory=list, description="Partition columns.")
+    mode: Literal["overwrite", "append"] = Field(
+        "overwrite", description="Replace the table, or add this run's rows to it."
+    )
 
 
 class OutputsSpec(_Model):
+    """The curated table and the quarantine table."""
+
     curated: OutputSpec = Field(..., description="The clean result of the last stage.")
     quarantine: OutputSpec | None = Field(
         None, description="Quarantined rows with their reasons (default: <curated>_quarantine)."
@@ -573,10 +587,12 @@ class PipelineSpec(_Model):
     """A whole pipeline: sources, stages in order, outputs, and where to run and store."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Pipeline name.")
-    description: str = ""
-    sources: dict[str, SourceSpec] = Field(..., min_length=1)
-    stages: list[Stage] = Field(..., min_length=1)
-    outputs: OutputsSpec
+    description: str = Field("", description="Free text shown in reports.")
+    sources: dict[str, SourceSpec] = Field(
+        ..., min_length=1, description="Named inputs; stages refer to them by name."
+    )
+    stages: list[Stage] = Field(..., min_length=1, description="Stages, run in order.")
+    outputs: OutputsSpec = Field(..., description="The tables the run publishes.")
     warehouse: str = Field("warehouse", description="Directory of output tables.")
     run_store: str = Field("runs", description="Directory of run records and schema versions.")
     checkpoint_stages: bool = Field(
@@ -584,7 +600,9 @@ class PipelineSpec(_Model):
         description="Persist each stage's output in the run directory (Parquet) so --resume can "
         "start from the first changed stage; downstream stages then read the checkpoint.",
     )
-    session: SessionConfig = Field(default_factory=SessionConfig)
+    session: SessionConfig = Field(
+        default_factory=SessionConfig, description="Where and how big Spark-on-Ray runs."
+    )
 
     @model_validator(mode="after")
     def _cross_refs(self) -> PipelineSpec:

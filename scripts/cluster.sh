@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A local Ray cluster that `ray job submit` and `serve deploy` use exactly as a real one.
+#   scripts/cluster.sh up|down|status
+# Settings (environment): RAYLINE_RAY_PORT (6379), RAYLINE_DASHBOARD_PORT (8265),
+# RAYLINE_METRICS_PORT (8080), RAYLINE_CLUSTER_CPUS (cores + 2: Spark executors hold theirs).
+# Token authentication: Ray 2.60 enables it for clusters it starts; RAY_AUTH_MODE=token is
+# exported here and must be set for the job CLI too (the token is in ~/.ray/auth_token).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RAY="${RAY:-.venv/bin/ray}"
+PORT="${RAYLINE_RAY_PORT:-6379}"
+DPORT="${RAYLINE_DASHBOARD_PORT:-8265}"
+MPORT="${RAYLINE_METRICS_PORT:-8080}"
+CPUS="${RAYLINE_CLUSTER_CPUS:-$(( $(nproc) + 2 ))}"
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+export RAY_USAGE_STATS_ENABLED=0
+addr="http://127.0.0.1:$DPORT"
+log="${TMPDIR:-/tmp}/rayline-cluster-$DPORT.log"
+
+status() { "$RAY" job list --address "$addr" >/dev/null 2>&1; }
+
+case "${1:-}" in
+  up)
+    if status; then echo "cluster: already up; dashboard $addr"; exit 0; fi
+    # Ray's daemons keep the output streams they start with: give them a log file, never a pipe.
+    "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" \
+      --dashboard-host=127.0.0.1 --dashboard-port="$DPORT" --include-dashboard=true \
+      --metrics-export-port="$MPORT" --num-cpus="$CPUS" --disable-usage-stats >"$log" 2>&1 </dev/null \
+      || { echo "cluster: ray start failed; see $log" >&2; tail -20 "$log" >&2; exit 1; }
+    for _ in $(seq 1 60); do status && break; sleep 1; done
+    status || { echo "cluster: the dashboard at $addr did not answer within 60 s" >&2; exit 1; }
+    echo "cluster: up; dashboard $addr (RAY_AUTH_MODE=$RAY_AUTH_MODE); metrics on 127.0.0.1:$MPORT"
+    echo "  submit: RAY_AUTH_MODE=$RAY_AUTH_MODE ray job submit --address $addr --working-dir . -- python workloads/batch_pipeline.py --spec pipelines/flights.yaml"
+    ;;
+  down)
+    "$RAY" stop --force >/dev/null 2>&1 || true
+    echo "cluster: down"
+    ;;
+  status)
+    if status; then echo "cluster: up; dashboard $addr"; "$RAY" status --address "127.0.0.1:$PORT" 2>/dev/null | sed -n '1,20p'; else echo "cluster: down"; exit 3; fi
+    ;;
+  *)
+    echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,111 @@
+"""End to end through the CLIs users run: `scripts/cluster.sh up` (ray start --head), then
+`ray job submit` of the batch workload, wait for SUCCEEDED, check the outputs, stop the cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DPORT = os.environ.get("RAYLINE_E2E_DASHBOARD_PORT", "8365")
+ADDRESS = f"http://127.0.0.1:{DPORT}"
+
+pytestmark = pytest.mark.e2e
+
+
+def env():
+    e = dict(os.environ)
+    e.update(
+        RAY_AUTH_MODE="token",
+        RAYLINE_DASHBOARD_PORT=DPORT,
+        RAYLINE_RAY_PORT=os.environ.get("RAYLINE_E2E_RAY_PORT", "6390"),
+        RAYLINE_METRICS_PORT=os.environ.get("RAYLINE_E2E_METRICS_PORT", "8390"),
+        RAY=str(BIN / "ray"),
+        PATH=f"{BIN}:{e.get('PATH', '')}",
+    )
+    return e
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    log = ROOT / "benchmarks" / "out" / "e2e-cluster.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:  # a file, not a pipe: Ray's daemons inherit the streams
+        up = subprocess.run([str(ROOT / "scripts" / "cluster.sh"), "up"], env=env(), stdout=f, stderr=subprocess.STDOUT, timeout=180)
+    assert up.returncode == 0, log.read_text()
+    try:
+        yield ADDRESS
+    finally:
+        subprocess.run([str(ROOT / "scripts" / "cluster.sh"), "down"], env=env(), timeout=120,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def ray_job(*args, timeout=120):
+    return subprocess.run([str(BIN / "ray"), "job", *args], env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def submit(address, spec, runtime_env):
+    r = ray_job("submit", "--address", address, "--no-wait", "--working-dir", ".",
+                "--runtime-env-json", json.dumps(runtime_env),
+                "--", "python", "workloads/batch_pipeline.py", "--spec", spec)
+    assert r.returncode == 0, r.stderr
+    job_id = next(line.split("'")[1] for line in (r.stdout + r.stderr).splitlines() if "submitted successfully" in line)
+    return job_id
+
+
+def wait(address, job_id, limit=900):
+    deadline = time.time() + limit
+    status = ""
+    while time.time() < deadline:
+        r = ray_job("status", "--address", address, job_id)
+        status = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
+        for final in ("SUCCEEDED", "FAILED", "STOPPED"):
+            if re.search(rf"\b{final}\b", status):
+                return final
+        time.sleep(3)
+    raise AssertionError(f"job {job_id} did not finish in {limit}s: {status}")
+
+
+def test_flights_pipeline_as_a_ray_job(cluster, tmp_path):
+    runtime_env = {"env_vars": {
+        "RAYLINE_DATA_DIR": str(ROOT / "data"),
+        "RAYLINE_WAREHOUSE": str(tmp_path / "warehouse"),
+        "RAYLINE_RUN_STORE": str(tmp_path / "runs"),
+    }}
+    job_id = submit(cluster, "pipelines/flights.yaml", runtime_env)
+    final = wait(cluster, job_id)
+    logs = ray_job("logs", "--address", cluster, job_id).stdout
+    assert final == "SUCCEEDED", logs[-4000:]
+    assert "[4/4] analytics 'profile': done" in logs and "succeeded" in logs
+
+    runs = list((tmp_path / "runs").glob("flights-*/run.json"))
+    assert len(runs) == 1
+    rec = json.loads(runs[0].read_text())
+    assert rec["status"] == "succeeded"
+    cur, q = rec["outputs"]["curated"], rec["outputs"]["quarantine"]
+    assert cur["rows"] + q["rows"] == 336_776 and cur["rows"] > 330_000
+    assert Path(cur["path"], "_SUCCESS").exists()
+    assert Path(runs[0].parent, "report.html").exists()
+    assert rec["code_version"].startswith("0.1.0")
+
+
+def test_invalid_spec_fails_the_job_with_the_key(cluster, tmp_path):
+    bad = ROOT / "pipelines" / f".e2e-bad-{os.getpid()}.yaml"
+    text = (ROOT / "pipelines" / "flights.yaml").read_text().replace("type: range", "type: ranged", 1)
+    bad.write_text(text)
+    try:
+        job_id = submit(cluster, f"pipelines/{bad.name}", {"env_vars": {"RAYLINE_RUN_STORE": str(tmp_path / "runs")}})
+        assert wait(cluster, job_id, limit=300) == "FAILED"
+        logs = ray_job("logs", "--address", cluster, job_id).stdout
+        assert "unknown type 'ranged'" in logs and "stages.2.quality.rules" in logs
+        assert not (tmp_path / "runs").exists()  # failed before Spark, before any run record
+    finally:
+        bad.unlink()
