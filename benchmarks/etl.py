@@ -38,12 +38,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_PATH = ROOT / "pipelines" / "flights.yaml"
 RESULT_TAG = "@@BENCH_RESULT@@ "
+NOTE_TAG = "@@BENCH_NOTE@@ "
 ENGINES = ["rayline", "rayline-nockpt", "spark-local", "pandas"]
 
 # The work, as pipelines/flights.yaml declares it (kept literal here so that the hand-written
 # engines are plain code; the rayline engine reads the YAML itself).
-DEDUPE_KEYS = ["year", "month", "day", "carrier", "flight", "origin", "sched_dep_time", "dep_time",
-               "arr_time"]
+DEDUPE_KEYS = [
+    "year",
+    "month",
+    "day",
+    "carrier",
+    "flight",
+    "origin",
+    "sched_dep_time",
+    "dep_time",
+    "arr_time",
+]
 WEATHER_KEYS = ["origin", "year", "month", "day", "hour"]
 WEATHER_COLS = ["temp", "dewp", "humid", "wind_speed", "wind_gust", "precip", "pressure", "visib"]
 NOT_NULL = ["year", "month", "day", "carrier", "flight", "origin", "dest"]
@@ -52,8 +62,18 @@ TAILNUM_RE = "N[0-9A-Z]{1,5}"
 FRESH_REFERENCE = "2014-01-01T00:00:00"
 FRESH_MAX_AGE_S = 30 * 86400
 MIN_ROWS = 1000
-NUMERIC = ["dep_delay", "arr_delay", "air_time", "distance", "speed_mph", "temp", "humid",
-           "wind_speed", "precip", "visib"]
+NUMERIC = [
+    "dep_delay",
+    "arr_delay",
+    "air_time",
+    "distance",
+    "speed_mph",
+    "temp",
+    "humid",
+    "wind_speed",
+    "precip",
+    "visib",
+]
 QUANTILES = [0.05, 0.25, 0.5, 0.75, 0.95]
 # rule -> severity (row rules only; row_count and freshness are dataset rules: severity fail)
 ROW_RULES = {
@@ -79,7 +99,7 @@ def emit(result: dict[str, Any]) -> None:
 
 def note(msg: str) -> None:
     """Child -> parent: a progress line (relayed by the parent)."""
-    print(msg, flush=True)
+    print(NOTE_TAG + msg, flush=True)
 
 
 def flights_rows(data_dir: Path) -> int:
@@ -88,8 +108,12 @@ def flights_rows(data_dir: Path) -> int:
 
 
 def _setup_child_logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("py4j", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -97,26 +121,6 @@ def _setup_child_logging() -> None:
 # ---------------------------------------------------------------------------------------------
 # (a) Rayline
 # ---------------------------------------------------------------------------------------------
-
-
-def _start_private_ray(cfg: Any) -> None:
-    """Start a new local Ray instance for this benchmark, as rayline.session would for a local
-    run, but with address="local": a bare ray.init() attaches to any cluster left by `ray start`
-    on this machine (/tmp/ray/ray_current_cluster) and would then refuse num_cpus."""
-    import ray
-
-    from rayline.session import jvm_options
-
-    have = os.environ.get("JDK_JAVA_OPTIONS", "").split()
-    os.environ["JDK_JAVA_OPTIONS"] = " ".join(have + [o for o in jvm_options() if o not in have])
-    if cfg.local_ip:
-        os.environ.setdefault("SPARK_LOCAL_IP", cfg.local_ip)
-    num_cpus = cfg.num_cpus or ((os.cpu_count() or 2) + int(round(cfg.num_executors * cfg.executor_cpus)))
-    kwargs: dict[str, Any] = {"address": "local", "num_cpus": num_cpus, "include_dashboard": False,
-                              "log_to_driver": False}
-    if cfg.local_ip:
-        kwargs["_node_ip_address"] = cfg.local_ip
-    ray.init(**kwargs)
 
 
 def _rayline_counts(rec: dict[str, Any]) -> dict[str, Any]:
@@ -157,11 +161,14 @@ def engine_rayline(args: argparse.Namespace) -> None:
     if "rayline-nockpt" in args.variants:
         variants.append(("rayline-nockpt", spec.model_copy(update={"checkpoint_stages": False})))
     rows_in = flights_rows(Path(args.data_dir))
-    results = {name: {"engine": name, "rows_in": rows_in, "times": [], "runs": []} for name, _ in variants}
+    results = {
+        name: {"engine": name, "rows_in": rows_in, "times": [], "runs": []} for name, _ in variants
+    }
 
     t0 = time.perf_counter()
     try:
-        _start_private_ray(spec.session)
+        # rayline.session starts a private local Ray instance (address="local") unless
+        # session.ray_address / RAY_ADDRESS name a cluster; the benchmark clears RAY_ADDRESS.
         with spark_on_ray(spec.session, spec.warehouse) as spark:
             startup = time.perf_counter() - t0
             note(f"  [rayline] Ray + Spark-on-Ray session up in {startup:.1f}s")
@@ -177,10 +184,14 @@ def engine_rayline(args: argparse.Namespace) -> None:
                     r["times"].append(dt)
                     r["runs"].append(c["stages"])
                     r.update(curated=c["curated"], quarantined=c["quarantined"], rules=c["rules"])
-                    note(f"  [{name}] repeat {i + 1}/{args.repeats}: {dt:.1f}s  "
-                         f"(curated {c['curated']:,}, quarantined {c['quarantined']:,}; stages "
-                         + ", ".join(f"{k} {v:.1f}s" for k, v in c["stages"].items() if v is not None)
-                         + ")")
+                    note(
+                        f"  [{name}] repeat {i + 1}/{args.repeats}: {dt:.1f}s  "
+                        f"(curated {c['curated']:,}, quarantined {c['quarantined']:,}; stages "
+                        + ", ".join(
+                            f"{k} {v:.1f}s" for k, v in c["stages"].items() if v is not None
+                        )
+                        + ")"
+                    )
                     if not args.keep:  # outside the timing: drop the run's checkpoints
                         shutil.rmtree(Path(res.run_dir) / "stages", ignore_errors=True)
     finally:
@@ -236,9 +247,13 @@ def spark_local_job(spark: Any, data: Path, out: Path) -> dict[str, Any]:
     from pyspark.sql.window import Window
 
     def csv(name: str, sample: float = 1.0) -> Any:
-        return (spark.read.option("header", "true").option("nullValue", "NA")
-                .option("inferSchema", "true").option("samplingRatio", str(sample))
-                .csv(str(data / "nycflights13" / f"{name}.csv")))
+        return (
+            spark.read.option("header", "true")
+            .option("nullValue", "NA")
+            .option("inferSchema", "true")
+            .option("samplingRatio", str(sample))
+            .csv(str(data / "nycflights13" / f"{name}.csv"))
+        )
 
     flights = csv("flights", 0.2)
     weather = csv("weather")
@@ -247,25 +262,37 @@ def spark_local_job(spark: Any, data: Path, out: Path) -> dict[str, Any]:
 
     # prepare
     df = flights.dropDuplicates(DEDUPE_KEYS)
-    df = df.withColumn("sched_dep_local", F.make_timestamp("year", "month", "day", "hour", "minute", F.lit(0)))
+    df = df.withColumn(
+        "sched_dep_local", F.make_timestamp("year", "month", "day", "hour", "minute", F.lit(0))
+    )
     df = df.join(weather.select(*WEATHER_KEYS, *WEATHER_COLS), WEATHER_KEYS, "left")
-    df = df.withColumns({
-        "is_delayed": F.expr("CAST(arr_delay > 15 AS INT)"),
-        "speed_mph": F.col("distance") / (F.col("air_time") / 60.0),
-        "route": F.concat("origin", F.lit("-"), "dest"),
-        "day_of_week": F.dayofweek("sched_dep_local"),
-    })
+    df = df.withColumns(
+        {
+            "is_delayed": F.expr("CAST(arr_delay > 15 AS INT)"),
+            "speed_mph": F.col("distance") / (F.col("air_time") / 60.0),
+            "route": F.concat("origin", F.lit("-"), "dest"),
+            "day_of_week": F.dayofweek("sched_dep_local"),
+        }
+    )
     df = df.fillna({"precip": 0.0})
     data_cols = df.columns
 
     # checks: referential lookups are small -> broadcast left joins
     def ref(frame: Any, col: str, key: str) -> Any:
-        return F.broadcast(frame.select(F.col(col).alias(key)).where(F.col(key).isNotNull())
-                           .distinct().withColumn(f"{key}_hit", F.lit(True)))
+        return F.broadcast(
+            frame.select(F.col(col).alias(key))
+            .where(F.col(key).isNotNull())
+            .distinct()
+            .withColumn(f"{key}_hit", F.lit(True))
+        )
 
-    df = (df.join(ref(airlines, "carrier", "_r_carrier"), F.col("carrier") == F.col("_r_carrier"), "left")
-            .join(ref(airports, "faa", "_r_origin"), F.col("origin") == F.col("_r_origin"), "left")
-            .join(ref(airports, "faa", "_r_dest"), F.col("dest") == F.col("_r_dest"), "left"))
+    df = (
+        df.join(
+            ref(airlines, "carrier", "_r_carrier"), F.col("carrier") == F.col("_r_carrier"), "left"
+        )
+        .join(ref(airports, "faa", "_r_origin"), F.col("origin") == F.col("_r_origin"), "left")
+        .join(ref(airports, "faa", "_r_dest"), F.col("dest") == F.col("_r_dest"), "left")
+    )
     df = df.withColumn("_dups", F.count(F.lit(1)).over(Window.partitionBy(*UNIQUE)))
 
     def rng(c: str, lo: float | None, hi: float | None, inclusive: bool = True) -> Any:
@@ -295,18 +322,24 @@ def spark_local_job(spark: Any, data: Path, out: Path) -> dict[str, Any]:
         "arr_delay_sane": rng("arr_delay", -120, 1200),
         "distance_positive": rng("distance", 0, None, inclusive=False),
         "month_valid": F.col("month").isNotNull() & ~F.col("month").isin(*range(1, 13)),
-        "tailnum_format": F.col("tailnum").isNotNull() & ~F.col("tailnum").rlike(f"^(?:{TAILNUM_RE})$"),
+        "tailnum_format": F.col("tailnum").isNotNull()
+        & ~F.col("tailnum").rlike(f"^(?:{TAILNUM_RE})$"),
         "plausible_speed": ~F.coalesce(F.expr("speed_mph BETWEEN 50 AND 700"), F.lit(True)),
     }
-    reasons = F.filter(F.array(*[F.when(cond, F.lit(n)) for n, cond in flags.items()]),
-                       lambda x: x.isNotNull())
+    reasons = F.filter(
+        F.array(*[F.when(cond, F.lit(n)) for n, cond in flags.items()]), lambda x: x.isNotNull()
+    )
     annotated = df.select(*data_cols, reasons.alias("reasons")).withColumn(
-        "quarantined", F.arrays_overlap("reasons", F.array(*map(F.lit, BLOCKING))))
+        "quarantined", F.arrays_overlap("reasons", F.array(*map(F.lit, BLOCKING)))
+    )
     annotated = annotated.persist(StorageLevel.MEMORY_AND_DISK)
 
     # per-rule failures and the dataset rules, in one pass (this also fills the cache)
-    aggs = [F.count(F.lit(1)).alias("rows"), F.sum(F.col("quarantined").cast("long")).alias("q"),
-            F.max(F.unix_timestamp("time_hour")).alias("latest")]
+    aggs = [
+        F.count(F.lit(1)).alias("rows"),
+        F.sum(F.col("quarantined").cast("long")).alias("q"),
+        F.max(F.unix_timestamp("time_hour")).alias("latest"),
+    ]
     aggs += [F.sum(F.array_contains("reasons", n).cast("long")).alias(n) for n in flags]
     summary = annotated.agg(*aggs).first()
     rows, quarantined = int(summary["rows"]), int(summary["q"] or 0)
@@ -327,17 +360,26 @@ def spark_local_job(spark: Any, data: Path, out: Path) -> dict[str, Any]:
     x = {c: F.col(c).cast("double") for c in NUMERIC}
     stats = []
     for c in NUMERIC:
-        stats += [F.count(x[c]).alias(f"n_{c}"), F.mean(x[c]).alias(f"mean_{c}"),
-                  F.stddev_samp(x[c]).alias(f"sd_{c}"), F.min(x[c]).alias(f"min_{c}"),
-                  F.max(x[c]).alias(f"max_{c}"),
-                  F.percentile_approx(x[c], QUANTILES, 10000).alias(f"q_{c}")]
+        stats += [
+            F.count(x[c]).alias(f"n_{c}"),
+            F.mean(x[c]).alias(f"mean_{c}"),
+            F.stddev_samp(x[c]).alias(f"sd_{c}"),
+            F.min(x[c]).alias(f"min_{c}"),
+            F.max(x[c]).alias(f"max_{c}"),
+            F.percentile_approx(x[c], QUANTILES, 10000).alias(f"q_{c}"),
+        ]
     for i, a in enumerate(NUMERIC):
-        for b in NUMERIC[i + 1:]:
+        for b in NUMERIC[i + 1 :]:
             stats.append(F.corr(x[a], x[b]).alias(f"corr_{a}_{b}"))
     profile = clean.agg(*stats).first().asDict()
     annotated.unpersist()
-    return {"rows_prepared": rows, "curated": rows - quarantined, "quarantined": quarantined,
-            "rules": rules, "mean_arr_delay": profile["mean_arr_delay"]}
+    return {
+        "rows_prepared": rows,
+        "curated": rows - quarantined,
+        "quarantined": quarantined,
+        "rules": rules,
+        "mean_arr_delay": profile["mean_arr_delay"],
+    }
 
 
 def engine_spark_local(args: argparse.Namespace) -> None:
@@ -353,7 +395,12 @@ def engine_spark_local(args: argparse.Namespace) -> None:
     spark.range(1).count()  # the JVM and the session are really up
     startup = time.perf_counter() - t0
     note(f"  [spark-local] local[{args.cores}] session up in {startup:.1f}s")
-    r: dict[str, Any] = {"engine": "spark-local", "rows_in": rows_in, "startup_s": startup, "times": []}
+    r: dict[str, Any] = {
+        "engine": "spark-local",
+        "rows_in": rows_in,
+        "startup_s": startup,
+        "times": [],
+    }
     try:
         for i in range(args.repeats):
             t = time.perf_counter()
@@ -361,8 +408,10 @@ def engine_spark_local(args: argparse.Namespace) -> None:
             dt = time.perf_counter() - t
             r["times"].append(dt)
             r.update(curated=res["curated"], quarantined=res["quarantined"], rules=res["rules"])
-            note(f"  [spark-local] repeat {i + 1}/{args.repeats}: {dt:.1f}s  "
-                 f"(curated {res['curated']:,}, quarantined {res['quarantined']:,})")
+            note(
+                f"  [spark-local] repeat {i + 1}/{args.repeats}: {dt:.1f}s  "
+                f"(curated {res['curated']:,}, quarantined {res['quarantined']:,})"
+            )
     finally:
         spark.stop()
     emit(r)
@@ -386,14 +435,17 @@ def pandas_job(data: Path, out: Path) -> dict[str, Any]:
 
     # prepare
     df = flights.drop_duplicates(subset=DEDUPE_KEYS)
-    df = df.assign(sched_dep_local=pd.to_datetime(df[["year", "month", "day", "hour", "minute"]],
-                                                  errors="coerce"))
+    df = df.assign(
+        sched_dep_local=pd.to_datetime(
+            df[["year", "month", "day", "hour", "minute"]], errors="coerce"
+        )
+    )
     df = df.merge(weather[WEATHER_KEYS + WEATHER_COLS], on=WEATHER_KEYS, how="left")
     air_time = df["air_time"].where(df["air_time"] != 0)  # x/0 is null in Spark SQL, inf here
     df["is_delayed"] = (df["arr_delay"] > 15).astype("Int8").where(df["arr_delay"].notna())
     df["speed_mph"] = df["distance"] / (air_time / 60.0)
     df["route"] = df["origin"] + "-" + df["dest"]
-    df["day_of_week"] = (df["sched_dep_local"].dt.dayofweek + 1) % 7 + 1  # Spark: Sunday = 1
+    df["day_of_week"] = (df["sched_dep_local"].dt.day_of_week + 1) % 7 + 1  # Spark: Sunday = 1
     df["precip"] = df["precip"].fillna(0.0)
     df = df.reset_index(drop=True)
 
@@ -415,7 +467,8 @@ def pandas_job(data: Path, out: Path) -> dict[str, Any]:
     masks = {
         "keys_present": df[NOT_NULL].isna().any(axis=1),
         "unique_flight": keys_ok & (dup_size > 1),
-        "carrier_known": df["carrier"].notna() & ~df["carrier"].isin(airlines["carrier"].dropna().unique()),
+        "carrier_known": df["carrier"].notna()
+        & ~df["carrier"].isin(airlines["carrier"].dropna().unique()),
         "origin_known": df["origin"].notna() & ~df["origin"].isin(faa),
         "dest_known": df["dest"].notna() & ~df["dest"].isin(faa),
         "dep_delay_sane": rng("dep_delay", -60, 1200),
@@ -433,7 +486,9 @@ def pandas_job(data: Path, out: Path) -> dict[str, Any]:
     latest = df["time_hour"].max()
     ref_ts = pd.Timestamp(FRESH_REFERENCE, tz="UTC")
     rules["enough_rows"] = int(len(df) < MIN_ROWS)
-    rules["recent_enough"] = int(pd.isna(latest) or (ref_ts - latest).total_seconds() > FRESH_MAX_AGE_S)
+    rules["recent_enough"] = int(
+        pd.isna(latest) or (ref_ts - latest).total_seconds() > FRESH_MAX_AGE_S
+    )
     if rules["enough_rows"] or rules["recent_enough"]:
         raise RuntimeError(f"dataset rule failed: {rules}")
 
@@ -450,8 +505,14 @@ def pandas_job(data: Path, out: Path) -> dict[str, Any]:
     num = clean[NUMERIC].astype("float64")
     desc = num.describe(percentiles=QUANTILES)
     corr = num.corr()
-    return {"rows_prepared": len(df), "curated": len(clean), "quarantined": len(bad), "rules": rules,
-            "mean_arr_delay": float(desc.loc["mean", "arr_delay"]), "corr_shape": corr.shape}
+    return {
+        "rows_prepared": len(df),
+        "curated": len(clean),
+        "quarantined": len(bad),
+        "rules": rules,
+        "mean_arr_delay": float(desc.loc["mean", "arr_delay"]),
+        "corr_shape": corr.shape,
+    }
 
 
 def engine_pandas(args: argparse.Namespace) -> None:
@@ -466,16 +527,22 @@ def engine_pandas(args: argparse.Namespace) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     data = Path(args.data_dir).resolve()
-    r: dict[str, Any] = {"engine": "pandas", "rows_in": flights_rows(data), "startup_s": startup,
-                         "times": []}
+    r: dict[str, Any] = {
+        "engine": "pandas",
+        "rows_in": flights_rows(data),
+        "startup_s": startup,
+        "times": [],
+    }
     for i in range(args.repeats):
         t = time.perf_counter()
         res = pandas_job(data, out)
         dt = time.perf_counter() - t
         r["times"].append(dt)
         r.update(curated=res["curated"], quarantined=res["quarantined"], rules=res["rules"])
-        note(f"  [pandas] repeat {i + 1}/{args.repeats}: {dt:.1f}s  "
-             f"(curated {res['curated']:,}, quarantined {res['quarantined']:,})")
+        note(
+            f"  [pandas] repeat {i + 1}/{args.repeats}: {dt:.1f}s  "
+            f"(curated {res['curated']:,}, quarantined {res['quarantined']:,})"
+        )
     emit(r)
 
 
@@ -489,9 +556,18 @@ def ensure_data(out: Path, replicate: int) -> Path:
     data = out / "data" / f"x{replicate}"
     if not (data / "nycflights13" / "flights.csv").is_file():
         print(f"generating the data: flights x{replicate} into {data}/nycflights13", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "example_data.py"),
-                        "--replicate", str(replicate), "--dest", str(data / "nycflights13")],
-                       check=True, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "example_data.py"),
+                "--replicate",
+                str(replicate),
+                "--dest",
+                str(data / "nycflights13"),
+            ],
+            check=True,
+            cwd=ROOT,
+        )
     return data
 
 
@@ -507,30 +583,55 @@ def _kill(proc: subprocess.Popen[str]) -> None:
         pass
 
 
-def run_child(engine: str, variants: list[str], args: argparse.Namespace, data: Path,
-              log_dir: Path) -> list[dict[str, Any]]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", engine,
-           "--data-dir", str(data), "--out", str(args.out), "--repeats", str(args.repeats),
-           "--cores", str(args.cores), "--variants", ",".join(variants)]
+def run_child(
+    engine: str, variants: list[str], args: argparse.Namespace, data: Path, log_dir: Path
+) -> list[dict[str, Any]]:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--engine",
+        engine,
+        "--data-dir",
+        str(data),
+        "--out",
+        str(args.out),
+        "--repeats",
+        str(args.repeats),
+        "--cores",
+        str(args.cores),
+        "--variants",
+        ",".join(variants),
+    ]
     if args.keep:
         cmd.append("--keep")
     log_path = log_dir / f"{engine}.log"
+    log_path.write_text("")  # child (stderr) and parent (other stdout lines) both append
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.pop("RAY_ADDRESS", None)  # each engine runs on its own; never on a shared cluster
     results: list[dict[str, Any]] = []
     print(f"\n== {engine} ({', '.join(variants)}); log: {log_path}", flush=True)
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT,
-                                env=env, start_new_session=True)
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+        )
 
         def relay() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
                 if line.startswith(RESULT_TAG):
-                    results.append(json.loads(line[len(RESULT_TAG):]))
-                else:
-                    print(line.rstrip(), flush=True)
+                    results.append(json.loads(line[len(RESULT_TAG) :]))
+                elif line.startswith(NOTE_TAG):
+                    print(line[len(NOTE_TAG) :].rstrip(), flush=True)
+                else:  # JVM / library chatter on stdout
+                    log.write(line)
+                    log.flush()
 
         reader = threading.Thread(target=relay, daemon=True)
         reader.start()
@@ -559,8 +660,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
     def ratio(e: str, ref: float | None) -> str:
         return f"{med[e] / ref:.2f}x" if ref and e in med else "-"
 
-    head = (f"{'engine':<16}{'start-up s':>11}{'median s':>10}{'rows/s':>12}"
-            f"{'vs spark-local':>16}{'vs pandas':>11}   repeats (s)")
+    head = (
+        f"{'engine':<16}{'start-up s':>11}{'median s':>10}{'rows/s':>12}"
+        f"{'vs spark-local':>16}{'vs pandas':>11}   repeats (s)"
+    )
     print("\n" + head)
     print("-" * len(head))
     for e in ENGINES:
@@ -570,11 +673,15 @@ def print_table(results: list[dict[str, Any]]) -> None:
         if e not in med:
             print(f"{e:<16}{'(failed)':>11}")
             continue
-        print(f"{e:<16}{r['startup_s']:>11.1f}{med[e]:>10.1f}{r['rows_in'] / med[e]:>12,.0f}"
-              f"{ratio(e, ref_b):>16}{ratio(e, ref_c):>11}   "
-              + ", ".join(f"{t:.1f}" for t in r["times"]))
-    print("(median wall seconds per run; start-up = Ray + Spark-on-Ray / local SparkSession / "
-          "imports, not included; rows/s = input flights rows / median; 'vs' = median time ratio)")
+        print(
+            f"{e:<16}{r['startup_s']:>11.1f}{med[e]:>10.1f}{r['rows_in'] / med[e]:>12,.0f}"
+            f"{ratio(e, ref_b):>16}{ratio(e, ref_c):>11}   "
+            + ", ".join(f"{t:.1f}" for t in r["times"])
+        )
+    print(
+        "(median wall seconds per run; start-up = Ray + Spark-on-Ray / local SparkSession / "
+        "imports, not included; rows/s = input flights rows / median; 'vs' = median time ratio)"
+    )
 
 
 def check_agreement(results: list[dict[str, Any]]) -> bool:
@@ -594,8 +701,10 @@ def check_agreement(results: list[dict[str, Any]]) -> bool:
             print(f"{n:<20}" + "".join(f"{r.get('rules', {}).get(n, '-'):>16}" for r in done))
     if not ok:
         bar = "!" * 78
-        print(f"\n{bar}\n!! WARNING: the engines DISAGREE on curated/quarantined row counts; the "
-              f"timings\n!! above do not compare the same work.\n{bar}")
+        print(
+            f"\n{bar}\n!! WARNING: the engines DISAGREE on curated/quarantined row counts; the "
+            f"timings\n!! above do not compare the same work.\n{bar}"
+        )
     elif not rules_ok:
         print("\nWARNING: the totals agree but per-rule failure counts differ (see above).")
     else:
@@ -604,18 +713,34 @@ def check_agreement(results: list[dict[str, Any]]) -> bool:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine (default 3)")
-    ap.add_argument("--replicate", type=int, default=4,
-                    help="copies of flights.csv (default 4 = 1,347,104 rows)")
-    ap.add_argument("--engines", default=",".join(ENGINES),
-                    help=f"comma list out of {','.join(ENGINES)} (default: all)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"),
-                    help="work directory (default benchmarks/out)")
-    ap.add_argument("--cores", type=int, default=2, help="local[N] cores of spark-local (default 2)")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per engine process")
+    ap.add_argument(
+        "--replicate",
+        type=int,
+        default=4,
+        help="copies of flights.csv (default 4 = 1,347,104 rows)",
+    )
+    ap.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help=f"comma list out of {','.join(ENGINES)} (default: all)",
+    )
+    ap.add_argument(
+        "--out",
+        default=str(ROOT / "benchmarks" / "out"),
+        help="work directory (default benchmarks/out)",
+    )
+    ap.add_argument(
+        "--cores", type=int, default=2, help="local[N] cores of spark-local (default 2)"
+    )
+    ap.add_argument(
+        "--timeout", type=float, default=1800, help="seconds allowed per engine process"
+    )
     ap.add_argument("--keep", action="store_true", help="keep Rayline's per-run stage checkpoints")
     # internal: run one engine in this process
     ap.add_argument("--engine", help=argparse.SUPPRESS)
@@ -630,8 +755,9 @@ def main() -> int:
         os.chdir(ROOT)
         sys.path.insert(0, str(ROOT / "platform"))
         args.variants = args.variants.split(",")
-        {"rayline": engine_rayline, "spark-local": engine_spark_local,
-         "pandas": engine_pandas}[args.engine](args)
+        {"rayline": engine_rayline, "spark-local": engine_spark_local, "pandas": engine_pandas}[
+            args.engine
+        ](args)
         return 0
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -643,9 +769,12 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     data = ensure_data(out, args.replicate)
     rows = flights_rows(data)
-    print(f"data: {data}/nycflights13 (flights: {rows:,} rows); repeats: {args.repeats}; "
-          f"cpus: {os.cpu_count()}; load average at start: "
-          + " ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
+    print(
+        f"data: {data}/nycflights13 (flights: {rows:,} rows); repeats: {args.repeats}; "
+        f"cpus: {os.cpu_count()}; load average at start: "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        flush=True,
+    )
 
     t_all = time.perf_counter()
     results: list[dict[str, Any]] = []
@@ -656,9 +785,11 @@ def main() -> int:
         if not e.startswith("rayline"):
             results += run_child(e, [e], args, data, log_dir)
 
-    print(f"\n== results: flights x{args.replicate} = {rows:,} input rows, {args.repeats} repeat(s); "
-          f"total {time.perf_counter() - t_all:.0f}s; load average at end: "
-          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(
+        f"\n== results: flights x{args.replicate} = {rows:,} input rows, {args.repeats} repeat(s); "
+        f"total {time.perf_counter() - t_all:.0f}s; load average at end: "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    )
     print_table(results)
     ok = check_agreement(results)
     missing = [e for e in engines if e not in {r["engine"] for r in results if r.get("times")}]

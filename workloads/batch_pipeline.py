@@ -1,7 +1,8 @@
 """Entry point that `ray job submit` runs: one batch pipeline spec on the cluster.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
-        --runtime-env-json '{"env_vars": {"RAYLINE_DATA_DIR": "'$PWD'/data"}}' \
+        --runtime-env-json '{"env_vars": {"RAYLINE_DATA_DIR": "'$PWD'/data",
+            "RAYLINE_WAREHOUSE": "'$PWD'/warehouse", "RAYLINE_RUN_STORE": "'$PWD'/runs"}}' \
         -- python workloads/batch_pipeline.py --spec pipelines/flights.yaml
 
 Also runs with plain `python` (then on a new local Ray instance). Relative paths in the spec

@@ -1,10 +1,10 @@
 """The ``rayline`` command.
 
-    rayline validate SPEC            check a spec without starting Spark
-    rayline run SPEC [--resume RUN]  run (or resume) a pipeline on Spark-on-Ray
-    rayline runs list                recent runs
-    rayline runs show RUN            one run: stages, timings, rows, outputs, error, report
-    rayline lineage RUN              the lineage graph of a run
+rayline validate SPEC            check a spec without starting Spark
+rayline run SPEC [--resume RUN]  run (or resume) a pipeline on Spark-on-Ray
+rayline runs list                recent runs
+rayline runs show RUN            one run: stages, timings, rows, outputs, error, report
+rayline lineage RUN              the lineage graph of a run
 """
 
 from __future__ import annotations
@@ -55,8 +55,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_pipeline(spec, spec_path=args.spec, resume=args.resume)
     out = result.record["outputs"]
     print(f"run {result.run_id} succeeded")
-    print(f"  curated:    {out['curated']['table']} ({out['curated']['rows']:,} rows) at {out['curated']['path']}")
-    print(f"  quarantine: {out['quarantine']['table']} ({out['quarantine']['rows']:,} rows) at {out['quarantine']['path']}")
+    print(
+        f"  curated:    {out['curated']['table']} ({out['curated']['rows']:,} rows) at {out['curated']['path']}"
+    )
+    print(
+        f"  quarantine: {out['quarantine']['table']} ({out['quarantine']['rows']:,} rows) at {out['quarantine']['path']}"
+    )
     print(f"  report:     {result.run_dir / 'report.html'}")
     return 0
 
@@ -80,13 +84,21 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         print(json.dumps(rec, indent=2))
         return 0
     print(f"run {rec['run_id']}  pipeline {rec['pipeline']}  status {rec['status']}")
-    print(f"started {rec['started_at']}  ended {rec.get('ended_at')}  attempts {len(rec.get('attempts', []))}")
-    print(f"\n{'#':<3}{'STAGE':<20}{'TYPE':<11}{'STATUS':<11}{'SECONDS':>9}{'ROWS IN':>14}{'ROWS OUT':>14}")
+    print(
+        f"started {rec['started_at']}  ended {rec.get('ended_at')}  attempts {len(rec.get('attempts', []))}"
+    )
+    print(
+        f"\n{'#':<3}{'STAGE':<20}{'TYPE':<11}{'STATUS':<11}{'SECONDS':>9}{'ROWS IN':>14}{'ROWS OUT':>14}"
+    )
     for i, s in enumerate(rec["stages"], 1):
+
         def n(x: Any) -> str:
             return f"{x:,}" if isinstance(x, int) else "-"
+
         secs = f"{s['duration_s']:.1f}" if isinstance(s.get("duration_s"), (int, float)) else "-"
-        print(f"{i:<3}{s['name']:<20}{s['type']:<11}{s['status']:<11}{secs:>9}{n(s.get('rows_in')):>14}{n(s.get('rows_out')):>14}")
+        print(
+            f"{i:<3}{s['name']:<20}{s['type']:<11}{s['status']:<11}{secs:>9}{n(s.get('rows_in')):>14}{n(s.get('rows_out')):>14}"
+        )
     for k, o in (rec.get("outputs") or {}).items():
         print(f"\n{k}: {o['table']} ({o['rows']:,} rows) {o['path']}")
         for reason, cnt in sorted((o.get("reasons") or {}).items()):
@@ -116,7 +128,9 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rayline", description="Rayline: ML pipelines on one Ray cluster.")
+    p = argparse.ArgumentParser(
+        prog="rayline", description="Rayline: ML pipelines on one Ray cluster."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -126,20 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a pipeline spec on Spark-on-Ray")
     r.add_argument("spec")
-    r.add_argument("--resume", metavar="RUN_ID", help="continue a failed run from its first changed stage")
+    r.add_argument(
+        "--resume", metavar="RUN_ID", help="continue a failed run from its first changed stage"
+    )
     r.set_defaults(fn=_cmd_run)
 
     rs = sub.add_parser("runs", help="list runs or show one")
     rs.add_argument("action", choices=["list", "show"])
     rs.add_argument("run", nargs="?")
-    rs.add_argument("--run-store", help="run store directory (default: $RAYLINE_RUN_STORE or ./runs)")
+    rs.add_argument(
+        "--run-store", help="run store directory (default: $RAYLINE_RUN_STORE or ./runs)"
+    )
     rs.add_argument("--limit", type=int, default=20)
     rs.add_argument("--json", action="store_true", help="print the raw run record")
     rs.set_defaults(fn=_cmd_runs)
 
     lg = sub.add_parser("lineage", help="print the lineage graph of a run")
     lg.add_argument("run")
-    lg.add_argument("--run-store", help="run store directory (default: $RAYLINE_RUN_STORE or ./runs)")
+    lg.add_argument(
+        "--run-store", help="run store directory (default: $RAYLINE_RUN_STORE or ./runs)"
+    )
     lg.add_argument("--json", action="store_true", help="print the OpenLineage events")
     lg.set_defaults(fn=_cmd_lineage)
     return p
@@ -159,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         print(f"details: rayline runs show {e.run_id}", file=sys.stderr)
-        return 1
+        return 130 if e.interrupted else 1
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

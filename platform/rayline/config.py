@@ -136,7 +136,9 @@ class SessionConfig(_Model):
     @classmethod
     def _stringify(cls, v: Any) -> Any:
         if isinstance(v, dict):
-            return {str(k): (str(x).lower() if isinstance(x, bool) else str(x)) for k, x in v.items()}
+            return {
+                str(k): (str(x).lower() if isinstance(x, bool) else str(x)) for k, x in v.items()
+            }
         return v
 
 
@@ -185,18 +187,21 @@ class SourceSpec(_Model):
         "malformed; beyond this fraction of a column's values (a column of the wrong type) or "
         "of all rows, the run fails instead.",
     )
-    infer_sample_fraction: float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="Fraction of rows read to infer a CSV/JSON schema (samplingRatio).",
+    infer_sample_rows: int | None = Field(
+        20000,
+        ge=100,
+        description="CSV/JSON: infer the schema from the first rows of each file (up to 8 "
+        "files) instead of parsing everything once more; rows further on that do not fit the "
+        "accepted schema are quarantined as malformed. Unset (null): infer from all rows.",
     )
 
     @field_validator("options", mode="before")
     @classmethod
     def _stringify(cls, v: Any) -> Any:
         if isinstance(v, dict):
-            return {str(k): (str(x).lower() if isinstance(x, bool) else str(x)) for k, x in v.items()}
+            return {
+                str(k): (str(x).lower() if isinstance(x, bool) else str(x)) for k, x in v.items()
+            }
         return v
 
     @field_validator("columns")
@@ -281,10 +286,7 @@ class JoinStep(_Model):
         None, description="Columns taken from the joined source (default: all but the keys)."
     )
     prefix: str = Field("", description="Prefix for the joined columns, avoiding name clashes.")
-    broadcast: bool = Field(
-        False, description="Broadcast the joined source (small lookup tables)."
-    )
-
+    broadcast: bool = Field(False, description="Broadcast the joined source (small lookup tables).")
 
     @model_validator(mode="after")
     def _keys(self) -> JoinStep:
@@ -408,9 +410,7 @@ class RegexRule(_RuleBase):
 class InSetRule(_RuleBase):
     type: Literal["in_set"]
     column: str = Field(..., description="Column checked.")
-    values: list[str | int | float | bool] = Field(
-        ..., min_length=1, description="Allowed values."
-    )
+    values: list[str | int | float | bool] = Field(..., min_length=1, description="Allowed values.")
 
 
 class ReferentialRule(_RuleBase):
@@ -509,7 +509,9 @@ class QualityStage(_StageBase):
     """Rules over the current DataFrame; failing rows are quarantined with their reasons."""
 
     type: Literal["quality"]
-    rules: list[QualityRule] = Field(..., min_length=1, description="Rules, each with a unique name.")
+    rules: list[QualityRule] = Field(
+        ..., min_length=1, description="Rules, each with a unique name."
+    )
     sample_size: int = Field(5, ge=0, le=100, description="Failing rows shown per rule.")
 
     @field_validator("rules")
@@ -527,9 +529,7 @@ class AnalyticsStage(_StageBase):
 
     type: Literal["analytics"]
     numeric_columns: list[str] | None = Field(None, description="Default: all numeric columns.")
-    categorical_columns: list[str] | None = Field(
-        None, description="Default: all string columns."
-    )
+    categorical_columns: list[str] | None = Field(None, description="Default: all string columns.")
     quantiles: list[float] = Field(
         [0.05, 0.25, 0.5, 0.75, 0.95], description="Approximate quantiles per numeric column."
     )
@@ -580,7 +580,9 @@ class OutputsSpec(_Model):
     )
 
     def quarantine_or_default(self) -> OutputSpec:
-        return self.quarantine or OutputSpec(table=f"{self.curated.table}_quarantine")
+        return self.quarantine or OutputSpec(
+            table=f"{self.curated.table}_quarantine", mode="overwrite"
+        )
 
 
 class PipelineSpec(_Model):
@@ -601,7 +603,8 @@ class PipelineSpec(_Model):
         "start from the first changed stage; downstream stages then read the checkpoint.",
     )
     session: SessionConfig = Field(
-        default_factory=SessionConfig, description="Where and how big Spark-on-Ray runs."
+        default_factory=SessionConfig,
+        description="Where and how big Spark-on-Ray runs.",
     )
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@ its sources (read once, cached) and the parts of the quarantine table."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ class RunContext:
             .where(F.col(src.CORRUPT).isNotNull())
             .select(
                 F.array(F.lit("malformed")).alias(REASONS),
-                F.lit(self.stage or "read").alias("_rayline_stage"),
+                F.lit("read").alias("_rayline_stage"),
                 F.lit(name).alias("_rayline_source"),
                 F.col(src.CORRUPT).alias("_rayline_raw"),
             )
@@ -113,10 +114,8 @@ class RunContext:
 
     def release(self) -> None:
         for df in self._raw.values():
-            try:
+            with contextlib.suppress(Exception):  # the session may already be gone
                 df.unpersist()
-            except Exception:  # noqa: BLE001 - the session may already be gone
-                pass
         self._raw.clear()
 
     # -- persistence ------------------------------------------------------------------------

@@ -18,7 +18,9 @@ __all__ = ["LineageLog", "dataset", "read_events", "format_graph"]
 
 PRODUCER = "https://github.com/rayline/rayline"
 RUN_EVENT_SCHEMA = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent"
-_FACET_SCHEMA = "https://openlineage.io/spec/facets/1-1-1/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet"
+_FACET_SCHEMA = (
+    "https://openlineage.io/spec/facets/1-1-1/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet"
+)
 
 
 def _facet(schema_url: str, **fields: Any) -> dict[str, Any]:

@@ -3,7 +3,8 @@ in the Spark catalog.
 
 A table is first written to ``<warehouse>/_staging/<table>-<run_id>``; only when Spark's job has
 succeeded is it renamed into ``<warehouse>/<table>`` (overwrite: the old directory is swapped out
-in one rename; append: the new files are moved in). A failed or interrupted run leaves its
+by two renames, so a reader sees the old table, briefly none, or the new one, never a part;
+append: the new files are moved in). A failed or interrupted run leaves its
 staging directory behind, never a partial table.
 """
 

@@ -25,8 +25,15 @@ pre{background:#f6f8fa;padding:.8em;overflow:auto;font-size:.85em}img{max-width:
 """
 
 _CLASS = {
-    "succeeded": "ok", "passed": "ok", "reused": "ok", "failed": "bad", "interrupted": "bad",
-    "warned": "warn", "quarantined": "warn", "tolerated": "warn", "running": "warn",
+    "succeeded": "ok",
+    "passed": "ok",
+    "reused": "ok",
+    "failed": "bad",
+    "interrupted": "bad",
+    "warned": "warn",
+    "quarantined": "warn",
+    "tolerated": "warn",
+    "running": "warn",
 }
 
 
@@ -66,23 +73,50 @@ def _schema_section(rep: dict[str, Any]) -> str:
     rows = []
     for name, s in rep.get("sources", {}).items():
         changes = "; ".join(f"{c['kind']} {c['column']}" for c in s.get("changes", [])) or "none"
-        rows.append([_e(name), _e(s.get("basis")), _e(s.get("policy")), _e(s.get("version")),
-                     _e(changes), _n(s.get("rows")), _n(s.get("malformed"))])
-    return _table(["source", "compared with", "policy", "schema version", "changes", "rows", "malformed"], rows)
+        rows.append(
+            [
+                _e(name),
+                _e(s.get("basis")),
+                _e(s.get("policy")),
+                _e(s.get("version")),
+                _e(changes),
+                _n(s.get("rows")),
+                _n(s.get("malformed")),
+            ]
+        )
+    return _table(
+        ["source", "compared with", "policy", "schema version", "changes", "rows", "malformed"],
+        rows,
+    )
 
 
 def _quality_section(rep: dict[str, Any]) -> str:
     rows = []
     for r in rep.get("rules", []):
         samples = r.get("samples") or []
-        sample = f"<pre>{_e(json.dumps(samples[:3], indent=1, default=str))}</pre>" if samples else ""
+        sample = (
+            f"<pre>{_e(json.dumps(samples[:3], indent=1, default=str))}</pre>" if samples else ""
+        )
         frac = r.get("fraction")
-        rows.append([_e(r["rule"]), _e(r["type"]), _e(r["severity"]), _n(r.get("checked")),
-                     _n(r.get("failed")), f"{frac:.3%}" if isinstance(frac, float) else "",
-                     _status(r.get("verdict")), sample])
-    summary = (f"<p>{_n(rep.get('rows'))} rows checked: {_n(rep.get('clean_rows'))} clean, "
-               f"{_n(rep.get('quarantined_rows'))} quarantined. Verdict: {_status(rep.get('verdict'))}</p>")
-    return summary + _table(["rule", "type", "severity", "checked", "failed", "fraction", "verdict", "samples"], rows)
+        rows.append(
+            [
+                _e(r["rule"]),
+                _e(r["type"]),
+                _e(r["severity"]),
+                _n(r.get("checked")),
+                _n(r.get("failed")),
+                f"{frac:.3%}" if isinstance(frac, float) else "",
+                _status(r.get("verdict")),
+                sample,
+            ]
+        )
+    summary = (
+        f"<p>{_n(rep.get('rows'))} rows checked: {_n(rep.get('clean_rows'))} clean, "
+        f"{_n(rep.get('quarantined_rows'))} quarantined. Verdict: {_status(rep.get('verdict'))}</p>"
+    )
+    return summary + _table(
+        ["rule", "type", "severity", "checked", "failed", "fraction", "verdict", "samples"], rows
+    )
 
 
 def _analytics_section(rep: dict[str, Any]) -> str:
@@ -90,12 +124,28 @@ def _analytics_section(rep: dict[str, Any]) -> str:
     for c, s in (rep.get("numeric") or {}).items():
         q = s.get("quantiles", {})
         out = (rep.get("outliers") or {}).get(c, {})
-        rows.append([_e(c), _n(s["count"]), _n(s["nulls"]), _n(s["mean"]), _n(s["stddev"]), _n(s["min"]),
-                     _n(q.get("0.5")), _n(s["max"]), _n(out.get("count"))])
-    out = _table(["column", "count", "nulls", "mean", "stddev", "min", "median", "max", "outliers"], rows)
+        rows.append(
+            [
+                _e(c),
+                _n(s["count"]),
+                _n(s["nulls"]),
+                _n(s["mean"]),
+                _n(s["stddev"]),
+                _n(s["min"]),
+                _n(q.get("0.5")),
+                _n(s["max"]),
+                _n(out.get("count")),
+            ]
+        )
+    out = _table(
+        ["column", "count", "nulls", "mean", "stddev", "min", "median", "max", "outliers"], rows
+    )
     cats = []
     for c, s in (rep.get("categorical") or {}).items():
-        top = ", ".join(f"{_e(t['value'])} ({t['count']:,})" for t in (rep.get("top_values") or {}).get(c, [])[:5])
+        top = ", ".join(
+            f"{_e(t['value'])} ({t['count']:,})"
+            for t in (rep.get("top_values") or {}).get(c, [])[:5]
+        )
         cats.append([_e(c), _n(s["count"]), _n(s["nulls"]), _n(s["cardinality"]), top])
     if cats:
         out += _table(["column", "count", "nulls", "cardinality (approx.)", "top values"], cats)
@@ -108,37 +158,75 @@ def write_html_report(store: RunStore, run_id: str) -> Path:
     """Render ``<run_dir>/report.html`` from the run record and the stage reports."""
     rec = store.read_record(run_id)
     run_dir = store.run_dir(run_id)
-    parts = [f"<h1>Run {_e(run_id)}</h1>",
-             _table(["pipeline", "status", "started", "ended", "code"],
-                    [[_e(rec["pipeline"]), _status(rec["status"]), _e(rec["started_at"]),
-                      _e(rec.get("ended_at")), _e(rec.get("code_version"))]])]
+    parts = [
+        f"<h1>Run {_e(run_id)}</h1>",
+        _table(
+            ["pipeline", "status", "started", "ended", "code"],
+            [
+                [
+                    _e(rec["pipeline"]),
+                    _status(rec["status"]),
+                    _e(rec["started_at"]),
+                    _e(rec.get("ended_at")),
+                    _e(rec.get("code_version")),
+                ]
+            ],
+        ),
+    ]
     if rec.get("error"):
         err = rec["error"]
-        parts.append(f"<h2>Error</h2><p class='bad'>stage {_e(err.get('stage'))}: {_e(err.get('type'))}</p>"
-                     f"<pre>{_e(err.get('message'))}</pre>")
+        parts.append(
+            f"<h2>Error</h2><p class='bad'>stage {_e(err.get('stage'))}: {_e(err.get('type'))}</p>"
+            f"<pre>{_e(err.get('message'))}</pre>"
+        )
     parts.append("<h2>Stages</h2>")
-    parts.append(_table(
-        ["#", "stage", "type", "status", "seconds", "rows in", "rows out"],
-        [[str(i + 1), _e(s["name"]), _e(s["type"]), _status(s["status"]), _n(s.get("duration_s")),
-          _n(s.get("rows_in")), _n(s.get("rows_out"))] for i, s in enumerate(rec["stages"])]))
+    parts.append(
+        _table(
+            ["#", "stage", "type", "status", "seconds", "rows in", "rows out"],
+            [
+                [
+                    str(i + 1),
+                    _e(s["name"]),
+                    _e(s["type"]),
+                    _status(s["status"]),
+                    _n(s.get("duration_s")),
+                    _n(s.get("rows_in")),
+                    _n(s.get("rows_out")),
+                ]
+                for i, s in enumerate(rec["stages"])
+            ],
+        )
+    )
     for s in rec["stages"]:
         rep = store.read_report(run_id, s["name"])
         if not rep:
             continue
-        section = {"schema": _schema_section, "quality": _quality_section,
-                   "analytics": _analytics_section}.get(s["type"])
+        section = {
+            "schema": _schema_section,
+            "quality": _quality_section,
+            "analytics": _analytics_section,
+        }.get(s["type"])
         if section:
             parts.append(f"<h2>{_e(s['type'].title())}: {_e(s['name'])}</h2>{section(rep)}")
     if rec.get("outputs"):
         o = rec["outputs"]
-        rows = [[_e(k), _e(v.get("table")), _e(v.get("path")), _n(v.get("rows"))] for k, v in o.items()]
+        rows = [
+            [_e(k), _e(v.get("table")), _e(v.get("path")), _n(v.get("rows"))] for k, v in o.items()
+        ]
         parts.append("<h2>Outputs</h2>" + _table(["output", "table", "path", "rows"], rows))
         reasons = o.get("quarantine", {}).get("reasons") or {}
         if reasons:
-            parts.append(_table(["quarantine reason", "rows"], [[_e(k), _n(v)] for k, v in sorted(reasons.items())]))
+            parts.append(
+                _table(
+                    ["quarantine reason", "rows"],
+                    [[_e(k), _n(v)] for k, v in sorted(reasons.items())],
+                )
+            )
     parts.append(f"<h2>Lineage</h2><pre>{_e(format_graph(read_events(run_dir)))}</pre>")
-    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>Rayline run {_e(run_id)}</title>"
-           f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+    doc = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Rayline run {_e(run_id)}</title>"
+        f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
+    )
     path = run_dir / "report.html"
     atomic_write_text(path, doc)
     return path

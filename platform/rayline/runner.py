@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from .config import (
     SchemaStage,
     TransformStage,
 )
-from .context import REASONS, RunContext, StageError
+from .context import QUARANTINE_COLUMNS, REASONS, RunContext, StageError
 from .lineage import LineageLog, dataset
 from .outputs import write_table
 from .runstore import RunStore, now_iso
@@ -52,9 +52,10 @@ STAGES: dict[str, Any] = {
 class RunFailed(RuntimeError):
     """A run that failed; ``run_id`` names its record (resume it with ``--resume``)."""
 
-    def __init__(self, run_id: str, message: str) -> None:
+    def __init__(self, run_id: str, message: str, interrupted: bool = False) -> None:
         super().__init__(message)
         self.run_id = run_id
+        self.interrupted = interrupted
 
 
 @dataclass
@@ -94,11 +95,12 @@ def _stage_sources(st: Any, spec: PipelineSpec) -> list[str]:
 
 
 def _fingerprint(prev: str, st: Any, ctx: RunContext) -> str:
-    h = hashlib.sha256(prev.encode())
+    h = hashlib.sha256(f"{prev}:{__version__}".encode())
     h.update(json.dumps(st.model_dump(), sort_keys=True, default=str).encode())
     for name in _stage_sources(st, ctx.spec):
         ctx.paths(name)
-        h.update(f"{name}:{ctx.source_fingerprints[name]}".encode())
+        definition = json.dumps(ctx.spec.sources[name].model_dump(), sort_keys=True)
+        h.update(f"{name}:{ctx.source_fingerprints[name]}:{definition}".encode())
     return h.hexdigest()[:16]
 
 
@@ -114,7 +116,9 @@ def _error(stage: str | None, exc: BaseException) -> dict[str, Any]:
 class _Run:
     """The state of one run attempt; keeps the record on disk current after every change."""
 
-    def __init__(self, spec: PipelineSpec, store: RunStore, spec_path: str | None, resume: str | None):
+    def __init__(
+        self, spec: PipelineSpec, store: RunStore, spec_path: str | None, resume: str | None
+    ):
         self.spec = spec
         self.store = store
         self.prev: dict[str, Any] | None = None
@@ -124,7 +128,8 @@ class _Run:
                 raise RunFailed(resume, f"run {resume} already succeeded; nothing to resume")
             if self.prev["pipeline"] != spec.name:
                 raise RunFailed(
-                    resume, f"run {resume} is of pipeline {self.prev['pipeline']!r}, not {spec.name!r}"
+                    resume,
+                    f"run {resume} is of pipeline {self.prev['pipeline']!r}, not {spec.name!r}",
                 )
             self.run_id = resume
         else:
@@ -143,9 +148,7 @@ class _Run:
             "attempt_started_at": now_iso(),
             "ended_at": None,
             "attempts": attempts + [{"started_at": now_iso(), "status": "running"}],
-            "stages": [
-                {"name": s.name, "type": s.type, "status": "pending"} for s in spec.stages
-            ],
+            "stages": [{"name": s.name, "type": s.type, "status": "pending"} for s in spec.stages],
             "outputs": {},
             "error": None,
             "run_dir": str(self.run_dir),
@@ -169,12 +172,17 @@ def _reusable(prev: dict[str, Any] | None, i: int, fp: str) -> dict[str, Any] | 
     p = prev["stages"][i]
     if p.get("status") not in ("succeeded", "reused") or p.get("fingerprint") != fp:
         return None
-    if not all(os.path.exists(v) for v in (p.get("outputs") or {}).values()):
+    outputs = p.get("outputs") or {}
+    if not all(os.path.exists(v) for v in outputs.values()):
         return None
+    if p.get("type") == "transform" and "data" not in outputs:
+        return None  # not checkpointed (checkpoint_stages: false): run it again
     return p
 
 
-def _restore(st: Any, ctx: RunContext, df: Any, prev_stage: dict[str, Any], report: dict[str, Any]) -> Any:
+def _restore(
+    st: Any, ctx: RunContext, df: Any, prev_stage: dict[str, Any], report: dict[str, Any]
+) -> Any:
     if isinstance(st, SchemaStage):
         schema.restore(st, ctx, report)
         return df
@@ -209,8 +217,11 @@ def _execute(spark: Any, spec: PipelineSpec, run: _Run) -> None:
             fp = _fingerprint(prev_fp, st, ctx)
             prev_fp = fp
             inputs = [
-                dataset("file", ctx.paths(s)[0] if len(ctx.paths(s)) == 1 else spec.sources[s].path,
-                        fingerprint=ctx.source_fingerprints[s])
+                dataset(
+                    "file",
+                    ctx.paths(s)[0] if len(ctx.paths(s)) == 1 else spec.sources[s].path,
+                    fingerprint=ctx.source_fingerprints[s],
+                )
                 for s in _stage_sources(st, spec)
             ] + ([prev_ds] if prev_ds else [])
             reuse = None if rerun else _reusable(run.prev, i, fp)
@@ -219,7 +230,9 @@ def _execute(spark: Any, spec: PipelineSpec, run: _Run) -> None:
                 df = _restore(st, ctx, df, reuse, report)
                 rec.update({**reuse, "status": "reused"})
                 run.save()
-                log.info("[%d/%d] %s %r: reused from the previous attempt", i + 1, n, st.type, st.name)
+                log.info(
+                    "[%d/%d] %s %r: reused from the previous attempt", i + 1, n, st.type, st.name
+                )
                 prev_ds = dataset(ns, f"{run.run_id}/{st.name}", rows=rec.get("rows_out"))
                 continue
             rerun = True
@@ -227,39 +240,71 @@ def _execute(spark: Any, spec: PipelineSpec, run: _Run) -> None:
             t0 = time.perf_counter()
             rec.update(status="running", started_at=now_iso(), fingerprint=fp)
             run.save()
-            ctx.lineage.emit("START", st.name, stage_type=st.type, params=st.model_dump(), inputs=inputs)
+            ctx.lineage.emit(
+                "START", st.name, stage_type=st.type, params=st.model_dump(), inputs=inputs
+            )
             try:
                 df, report = STAGES[st.type].run(df, st, ctx)
                 outputs: dict[str, str] = dict(report.get("outputs") or {})
                 if isinstance(st, TransformStage) and spec.checkpoint_stages:
                     df = ctx.checkpoint(df, "data")
                     outputs["data"] = str(ctx.stage_dir() / "data")
-                rows_in, rows_out = _row_counts(st, report, df, outputs, run.record["stages"], i, ctx)
+                rows_in, rows_out = _row_counts(
+                    st, report, df, outputs, run.record["stages"], i, ctx
+                )
             except BaseException as e:
                 report_on_fail = getattr(e, "report", None)
                 if report_on_fail is not None:
                     rec["report"] = str(run.store.write_report(run.run_id, st.name, report_on_fail))
                 rec.update(
-                    status="failed", ended_at=now_iso(),
-                    duration_s=round(time.perf_counter() - t0, 3), error=_error(st.name, e),
+                    status="failed",
+                    ended_at=now_iso(),
+                    duration_s=round(time.perf_counter() - t0, 3),
+                    error=_error(st.name, e),
                 )
                 run.save()
-                ctx.lineage.emit("FAIL", st.name, stage_type=st.type, params=st.model_dump(),
-                                 inputs=inputs, error=str(e))
+                ctx.lineage.emit(
+                    "FAIL",
+                    st.name,
+                    stage_type=st.type,
+                    params=st.model_dump(),
+                    inputs=inputs,
+                    error=str(e),
+                )
                 raise
             rec.update(
-                status="succeeded", ended_at=now_iso(), duration_s=round(time.perf_counter() - t0, 3),
-                rows_in=rows_in, rows_out=rows_out, outputs=outputs,
+                status="succeeded",
+                ended_at=now_iso(),
+                duration_s=round(time.perf_counter() - t0, 3),
+                rows_in=rows_in,
+                rows_out=rows_out,
+                outputs=outputs,
                 report=str(run.store.write_report(run.run_id, st.name, report)),
             )
             run.save()
-            prev_ds = dataset(ns, f"{run.run_id}/{st.name}", schema=df.schema if df is not None else None,
-                              rows=rows_out)
-            ctx.lineage.emit("COMPLETE", st.name, stage_type=st.type, params=st.model_dump(),
-                             inputs=inputs, outputs=[prev_ds])
+            prev_ds = dataset(
+                ns,
+                f"{run.run_id}/{st.name}",
+                schema=df.schema if df is not None else None,
+                rows=rows_out,
+            )
+            ctx.lineage.emit(
+                "COMPLETE",
+                st.name,
+                stage_type=st.type,
+                params=st.model_dump(),
+                inputs=inputs,
+                outputs=[prev_ds],
+            )
             log.info(
-                "[%d/%d] %s %r: done in %.1fs (rows in %s, out %s)", i + 1, n, st.type, st.name,
-                rec["duration_s"], _fmt(rows_in), _fmt(rows_out),
+                "[%d/%d] %s %r: done in %.1fs (rows in %s, out %s)",
+                i + 1,
+                n,
+                st.type,
+                st.name,
+                rec["duration_s"],
+                _fmt(rows_in),
+                _fmt(rows_out),
             )
         ctx.stage = "publish"
         _publish(spark, spec, ctx, run, df, prev_ds)
@@ -272,7 +317,12 @@ def _fmt(n: int | None) -> str:
 
 
 def _row_counts(
-    st: Any, report: dict[str, Any], df: Any, outputs: dict[str, str], recs: list[dict[str, Any]], i: int,
+    st: Any,
+    report: dict[str, Any],
+    df: Any,
+    outputs: dict[str, str],
+    recs: list[dict[str, Any]],
+    i: int,
     ctx: RunContext,
 ) -> tuple[int | None, int | None]:
     prev_out = recs[i - 1].get("rows_out") if i > 0 else None
@@ -294,9 +344,16 @@ def _row_counts(
 def _quarantine_frame(spark: Any, ctx: RunContext, data_schema: Any) -> Any:
     from functools import reduce
 
+    from pyspark.sql.types import ArrayType, StringType, StructField, StructType
+
     parts = [df for _, df in ctx.quarantine_parts]
     used = sorted({s for st in ctx.spec.stages for s in _stage_sources(st, ctx.spec)})
     parts += [ctx.malformed(name) for name in used if ctx.spec.sources[name].format != "parquet"]
+    if not parts:
+        meta = [StructField(REASONS, ArrayType(StringType()))] + [
+            StructField(c, StringType()) for c in QUARANTINE_COLUMNS[1:]
+        ]
+        parts = [spark.createDataFrame([], StructType(meta))]
     frame = reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), parts)
     if data_schema is not None:  # keep the data columns even when no rule quarantined rows
         from pyspark.sql import functions as F
@@ -308,17 +365,26 @@ def _quarantine_frame(spark: Any, ctx: RunContext, data_schema: Any) -> Any:
     return frame.select(*lead, *[c for c in frame.columns if c not in lead])
 
 
-def _publish(spark: Any, spec: PipelineSpec, ctx: RunContext, run: _Run, df: Any, prev_ds: Any) -> None:
+def _publish(
+    spark: Any, spec: PipelineSpec, ctx: RunContext, run: _Run, df: Any, prev_ds: Any
+) -> None:
     if df is None:
         raise StageError("publish", "the stages produced no DataFrame to write")
     t0 = time.perf_counter()
     log.info("publishing %s and its quarantine table", spec.outputs.curated.table)
-    ctx.lineage.emit("START", "publish", stage_type="publish", params=spec.outputs.model_dump(),
-                     inputs=[prev_ds] if prev_ds else [])
+    ctx.lineage.emit(
+        "START",
+        "publish",
+        stage_type="publish",
+        params=spec.outputs.model_dump(),
+        inputs=[prev_ds] if prev_ds else [],
+    )
     try:
         q_spec = spec.outputs.quarantine_or_default()
         q = _quarantine_frame(spark, ctx, df.schema)
-        q_spec = q_spec.model_copy(update={"partition_by": [c for c in q_spec.partition_by if c in q.columns]})
+        q_spec = q_spec.model_copy(
+            update={"partition_by": [c for c in q_spec.partition_by if c in q.columns]}
+        )
         q_out = write_table(spark, q, q_spec, spec.warehouse, run.run_id)
         cur = write_table(spark, df, spec.outputs.curated, spec.warehouse, run.run_id)
         reasons = _reason_counts(spark, q_out["path"])
@@ -328,7 +394,10 @@ def _publish(spark: Any, spec: PipelineSpec, ctx: RunContext, run: _Run, df: Any
     run.record["outputs"] = {"curated": cur, "quarantine": {**q_out, "reasons": reasons}}
     run.record["publish_duration_s"] = round(time.perf_counter() - t0, 3)
     ctx.lineage.emit(
-        "COMPLETE", "publish", stage_type="publish", params=spec.outputs.model_dump(),
+        "COMPLETE",
+        "publish",
+        stage_type="publish",
+        params=spec.outputs.model_dump(),
         inputs=[prev_ds] if prev_ds else [],
         outputs=[
             dataset("file", cur["path"], schema=df.schema, rows=cur["rows"], table=cur["table"]),
@@ -336,8 +405,12 @@ def _publish(spark: Any, spec: PipelineSpec, ctx: RunContext, run: _Run, df: Any
         ],
     )
     log.info(
-        "published %s (%s rows) and %s (%s rows) in %.1fs", cur["table"], _fmt(cur["rows"]),
-        q_out["table"], _fmt(q_out["rows"]), run.record["publish_duration_s"],
+        "published %s (%s rows) and %s (%s rows) in %.1fs",
+        cur["table"],
+        _fmt(cur["rows"]),
+        q_out["table"],
+        _fmt(q_out["rows"]),
+        run.record["publish_duration_s"],
     )
 
 
@@ -348,7 +421,9 @@ def _reason_counts(spark: Any, path: str) -> dict[str, int]:
     rows = (
         spark.read.parquet(path)
         .select(F.explode(F.col(REASONS)).alias("r"))
-        .groupBy("r").count().collect()
+        .groupBy("r")
+        .count()
+        .collect()
     )
     return {r["r"]: int(r["count"]) for r in rows}
 
@@ -392,10 +467,14 @@ def run_pipeline(
     try:
         with _maybe_session(spark, spec) as s:
             _execute(s, spec, run)
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, SystemExit) as e:
         run.finish("interrupted", _error(_failed_stage(run), e))
         _write_html(run)
-        raise RunFailed(run.run_id, f"run {run.run_id} interrupted; resume with --resume {run.run_id}") from e
+        raise RunFailed(
+            run.run_id,
+            f"run {run.run_id} interrupted; resume with --resume {run.run_id}",
+            interrupted=True,
+        ) from e
     except Exception as e:  # noqa: BLE001 - every failure is recorded, then re-raised
         stage = _failed_stage(run)
         run.finish("failed", _error(stage, e))
@@ -411,6 +490,8 @@ def _failed_stage(run: _Run) -> str | None:
     for s in run.record["stages"]:
         if s["status"] in ("failed", "running"):
             return s["name"]
+    if all(s["status"] in ("succeeded", "reused") for s in run.record["stages"]):
+        return "publish"  # every stage done: the failure was in writing the outputs
     return None
 
 

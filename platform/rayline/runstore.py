@@ -75,9 +75,7 @@ class RunStore:
         path = self.run_dir(run_id) / "run.json"
         if not path.is_file():
             known = ", ".join(r["run_id"] for r in self.list_runs()[:5]) or "none"
-            raise FileNotFoundError(
-                f"no run {run_id!r} in {self.root} (most recent: {known})"
-            )
+            raise FileNotFoundError(f"no run {run_id!r} in {self.root} (most recent: {known})")
         return json.loads(path.read_text())
 
     def write_report(self, run_id: str, stage: str, report: dict[str, Any]) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -80,7 +81,9 @@ def ensure_java() -> None:
     out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
     first = out.splitlines()[0] if out else ""
     try:
-        major = int(first.split('"')[1].split(".")[0])
+        version = first.split('"')[1]
+        parts = version.split(".")
+        major = int(parts[1]) if parts[0] == "1" else int(parts[0])  # "1.8.0_392" is Java 8
     except (IndexError, ValueError):
         return
     if major < 17:
@@ -103,7 +106,6 @@ def spark_conf(cfg: SessionConfig, warehouse: str | os.PathLike[str]) -> dict[st
         "spark.sql.adaptive.coalescePartitions.enabled": "true",
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.warehouse.dir": str(wh),
-        "spark.sql.sources.partitionOverwriteMode": "dynamic",
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         # Executors lost mid-run (an actor killed) are replaced; let tasks retry meanwhile.
@@ -162,9 +164,15 @@ def _connect_ray(cfg: SessionConfig) -> bool:
     if cfg.local_ip:
         os.environ.setdefault("SPARK_LOCAL_IP", cfg.local_ip)
     num_cpus = cfg.num_cpus or (
-        (os.cpu_count() or 2) + int(round(cfg.num_executors * cfg.executor_cpus))
+        (os.cpu_count() or 2) + math.ceil(cfg.num_executors * cfg.executor_cpus)
     )
-    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False}
+    # address="local": always a new instance, never a cluster that `ray start` left running.
+    kwargs: dict[str, Any] = {
+        "address": "local",
+        "num_cpus": num_cpus,
+        "include_dashboard": False,
+        "log_to_driver": False,
+    }
     if cfg.local_ip:
         kwargs["_node_ip_address"] = cfg.local_ip
     log.info("starting a local Ray instance with %d logical CPUs", num_cpus)
@@ -196,10 +204,11 @@ def spark_on_ray(
     t0 = time.perf_counter()
     started_ray = False
     spark = None
-    with _sigterm_as_interrupt():
-        try:
-            started_ray = _connect_ray(cfg)
-            t1 = time.perf_counter()
+    try:
+        started_ray = _connect_ray(cfg)
+        t1 = time.perf_counter()
+        # After ray.init, which installs a SIGTERM handler of its own that exits at once.
+        with _sigterm_as_interrupt():
             spark = raydp.init_spark(
                 app_name=cfg.app_name,
                 num_executors=cfg.num_executors,
@@ -217,11 +226,11 @@ def spark_on_ray(
                 cfg.executor_cores,
             )
             yield spark
-        finally:
-            if spark is not None or started_ray:
-                with contextlib.suppress(Exception):
-                    raydp.stop_spark()
-            if started_ray:
-                with contextlib.suppress(Exception):
-                    ray.shutdown()
-            sys.stderr.flush()
+    finally:
+        if spark is not None or started_ray:
+            with contextlib.suppress(Exception):
+                raydp.stop_spark()
+        if started_ray:
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        sys.stderr.flush()

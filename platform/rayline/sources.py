@@ -63,17 +63,55 @@ def _reader(spark: Any, spec: SourceSpec) -> Any:
     return r
 
 
+def _head_lines(paths: list[str], rows: int, header: bool) -> list[str] | None:
+    """The first ``rows`` lines of each file (header kept once), or None when the files are
+    not plain text this can sample (compressed, or directories of many parts)."""
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(
+                str(f)
+                for f in Path(p).rglob("*")
+                if f.is_file() and not f.name.startswith(("_", "."))
+            )
+        else:
+            files.append(p)
+    files = files[:8]
+    if not files or any(
+        f.endswith((".gz", ".bz2", ".zip", ".xz", ".zst", ".snappy")) for f in files
+    ):
+        return None
+    out: list[str] = []
+    for i, f in enumerate(files):
+        with open(f, encoding="utf-8", errors="replace", newline="") as fh:
+            for n, line in enumerate(fh):
+                if n > rows:
+                    break
+                if n == 0 and header and i > 0:
+                    continue
+                out.append(line.rstrip("\r\n"))
+    return out
+
+
 def infer_schema(spark: Any, name: str, spec: SourceSpec, paths: list[str]) -> Any:
-    """Infer a source's schema (CSV/JSON: from a sample of rows; Parquet: from the footers)."""
+    """Infer a source's schema: CSV/JSON from the first rows of its files (or all rows),
+    Parquet from the footers."""
     from pyspark.errors import AnalysisException
 
     r = _reader(spark, spec)
-    if spec.format in ("csv", "json"):
-        r = r.option("samplingRatio", str(spec.infer_sample_fraction))
     if spec.format == "csv":
         r = r.option("inferSchema", "true")
+    lines = None
+    multiline = spec.options.get("multiLine", "false").lower() == "true"
+    if spec.format in ("csv", "json") and spec.infer_sample_rows and not multiline:
+        header = spec.format == "csv" and spec.options.get("header", "true") == "true"
+        lines = _head_lines(paths, spec.infer_sample_rows, header)
     try:
-        schema = r.load(paths).schema
+        if lines is not None:
+            rdd = spark.sparkContext.parallelize(lines, 1)
+            schema = (r.csv(rdd) if spec.format == "csv" else r.json(rdd)).schema
+        else:
+            schema = r.load(paths).schema
     except AnalysisException as e:
         raise SourceError(f"source {name!r}: cannot read {spec.path!r}: {e}") from None
     if not schema.fields:
@@ -93,11 +131,7 @@ def read_source(spark: Any, name: str, spec: SourceSpec, paths: list[str], schem
     r = _reader(spark, spec)
     if spec.format in ("csv", "json"):
         full = StructType(list(schema.fields) + [StructField(CORRUPT, StringType(), True)])
-        r = (
-            r.schema(full)
-            .option("mode", "PERMISSIVE")
-            .option("columnNameOfCorruptRecord", CORRUPT)
-        )
+        r = r.schema(full).option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT)
         if spec.format == "csv":
             # Check the header's names against the schema instead of applying it by position.
             r = r.option("enforceSchema", "false")
@@ -111,7 +145,9 @@ def read_source(spark: Any, name: str, spec: SourceSpec, paths: list[str], schem
     for f in schema.fields:
         if f.name in have:
             c = F.col(f"`{f.name}`")
-            cols.append(c if have[f.name].dataType == f.dataType else c.cast(f.dataType).alias(f.name))
+            cols.append(
+                c if have[f.name].dataType == f.dataType else c.cast(f.dataType).alias(f.name)
+            )
         else:
             cols.append(F.lit(None).cast(f.dataType).alias(f.name))
     return df.select(*cols).withColumn(CORRUPT, F.lit(None).cast("string"))

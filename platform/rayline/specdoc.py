@@ -15,18 +15,43 @@ __all__ = ["render"]
 
 SECTIONS: list[tuple[str, list[type[BaseModel]]]] = [
     ("Pipeline", [c.PipelineSpec, c.OutputsSpec, c.OutputSpec]),
-    ("Session (`session:`; each field also as `RAYLINE_<FIELD>` in the environment)", [c.SessionConfig]),
+    (
+        "Session (`session:`; each field but spark_conf also as `RAYLINE_<FIELD>` in the environment)",
+        [c.SessionConfig],
+    ),
     ("Sources (`sources: {name: ...}`)", [c.SourceSpec, c.ColumnSpec]),
-    ("Stages (`stages: [...]`, by `type`)", [c.SchemaStage, c.TransformStage, c.QualityStage, c.AnalyticsStage]),
+    (
+        "Stages (`stages: [...]`, by `type`)",
+        [c.SchemaStage, c.TransformStage, c.QualityStage, c.AnalyticsStage],
+    ),
     (
         "Transform steps (`steps: [...]`, by `op`)",
-        [c.SelectStep, c.DropStep, c.RenameStep, c.CastStep, c.DeriveStep, c.FilterStep,
-         c.FillNullStep, c.DedupeStep, c.JoinStep, c.TimestampStep],
+        [
+            c.SelectStep,
+            c.DropStep,
+            c.RenameStep,
+            c.CastStep,
+            c.DeriveStep,
+            c.FilterStep,
+            c.FillNullStep,
+            c.DedupeStep,
+            c.JoinStep,
+            c.TimestampStep,
+        ],
     ),
     (
         "Quality rules (`rules: [...]`, by `type`)",
-        [c.NotNullRule, c.UniqueRule, c.RangeRule, c.RegexRule, c.InSetRule, c.ReferentialRule,
-         c.RowCountRule, c.FreshnessRule, c.ExpressionRule],
+        [
+            c.NotNullRule,
+            c.UniqueRule,
+            c.RangeRule,
+            c.RegexRule,
+            c.InSetRule,
+            c.ReferentialRule,
+            c.RowCountRule,
+            c.FreshnessRule,
+            c.ExpressionRule,
+        ],
     ),
 ]
 
@@ -62,7 +87,14 @@ def _default(f: Any) -> str:
 def _bounds(f: Any) -> str:
     out = []
     for m in f.metadata:
-        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "min length"), ("pattern", "pattern")):
+        for attr, sym in (
+            ("ge", ">="),
+            ("gt", ">"),
+            ("le", "<="),
+            ("lt", "<"),
+            ("min_length", "min length"),
+            ("pattern", "pattern"),
+        ):
             v = getattr(m, attr, None)
             if v is not None:
                 out.append(f"{sym} `{v}`")
@@ -71,10 +103,19 @@ def _bounds(f: Any) -> str:
 
 def _model(m: type[BaseModel]) -> str:
     doc = (m.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-    lines = [f"### {m.__name__}", "", doc, "", "| key | type | default | constraints | description |", "|---|---|---|---|---|"]
+    lines = [
+        f"### {m.__name__}",
+        "",
+        doc,
+        "",
+        "| key | type | default | constraints | description |",
+        "|---|---|---|---|---|",
+    ]
     for name, f in m.model_fields.items():
         desc = (f.description or "").replace("|", "\\|")
-        lines.append(f"| `{name}` | {_type(f.annotation)} | {_default(f)} | {_bounds(f)} | {desc} |")
+        lines.append(
+            f"| `{name}` | {_type(f.annotation)} | {_default(f)} | {_bounds(f)} | {desc} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -39,25 +39,59 @@ def cluster():
     log = ROOT / "benchmarks" / "out" / "e2e-cluster.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:  # a file, not a pipe: Ray's daemons inherit the streams
-        up = subprocess.run([str(ROOT / "scripts" / "cluster.sh"), "up"], env=env(), stdout=f, stderr=subprocess.STDOUT, timeout=180)
+        up = subprocess.run(
+            [str(ROOT / "scripts" / "cluster.sh"), "up"],
+            env=env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=180,
+        )
     assert up.returncode == 0, log.read_text()
     try:
         yield ADDRESS
     finally:
-        subprocess.run([str(ROOT / "scripts" / "cluster.sh"), "down"], env=env(), timeout=120,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(ROOT / "scripts" / "cluster.sh"), "down"],
+            env=env(),
+            timeout=120,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
 
 def ray_job(*args, timeout=120):
-    return subprocess.run([str(BIN / "ray"), "job", *args], env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [str(BIN / "ray"), "job", *args],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def submit(address, spec, runtime_env):
-    r = ray_job("submit", "--address", address, "--no-wait", "--working-dir", ".",
-                "--runtime-env-json", json.dumps(runtime_env),
-                "--", "python", "workloads/batch_pipeline.py", "--spec", spec)
+    r = ray_job(
+        "submit",
+        "--address",
+        address,
+        "--no-wait",
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "python",
+        "workloads/batch_pipeline.py",
+        "--spec",
+        spec,
+    )
     assert r.returncode == 0, r.stderr
-    job_id = next(line.split("'")[1] for line in (r.stdout + r.stderr).splitlines() if "submitted successfully" in line)
+    job_id = next(
+        line.split("'")[1]
+        for line in (r.stdout + r.stderr).splitlines()
+        if "submitted successfully" in line
+    )
     return job_id
 
 
@@ -75,11 +109,13 @@ def wait(address, job_id, limit=900):
 
 
 def test_flights_pipeline_as_a_ray_job(cluster, tmp_path):
-    runtime_env = {"env_vars": {
-        "RAYLINE_DATA_DIR": str(ROOT / "data"),
-        "RAYLINE_WAREHOUSE": str(tmp_path / "warehouse"),
-        "RAYLINE_RUN_STORE": str(tmp_path / "runs"),
-    }}
+    runtime_env = {
+        "env_vars": {
+            "RAYLINE_DATA_DIR": str(ROOT / "data"),
+            "RAYLINE_WAREHOUSE": str(tmp_path / "warehouse"),
+            "RAYLINE_RUN_STORE": str(tmp_path / "runs"),
+        }
+    }
     job_id = submit(cluster, "pipelines/flights.yaml", runtime_env)
     final = wait(cluster, job_id)
     logs = ray_job("logs", "--address", cluster, job_id).stdout
@@ -99,10 +135,16 @@ def test_flights_pipeline_as_a_ray_job(cluster, tmp_path):
 
 def test_invalid_spec_fails_the_job_with_the_key(cluster, tmp_path):
     bad = ROOT / "pipelines" / f".e2e-bad-{os.getpid()}.yaml"
-    text = (ROOT / "pipelines" / "flights.yaml").read_text().replace("type: range", "type: ranged", 1)
+    text = (
+        (ROOT / "pipelines" / "flights.yaml").read_text().replace("type: range", "type: ranged", 1)
+    )
     bad.write_text(text)
     try:
-        job_id = submit(cluster, f"pipelines/{bad.name}", {"env_vars": {"RAYLINE_RUN_STORE": str(tmp_path / "runs")}})
+        job_id = submit(
+            cluster,
+            f"pipelines/{bad.name}",
+            {"env_vars": {"RAYLINE_RUN_STORE": str(tmp_path / "runs")}},
+        )
         assert wait(cluster, job_id, limit=300) == "FAILED"
         logs = ray_job("logs", "--address", cluster, job_id).stdout
         assert "unknown type 'ranged'" in logs and "stages.2.quality.rules" in logs

@@ -23,7 +23,9 @@ def spark(session_dir):
     from rayline.config import SessionConfig
     from rayline.session import spark_on_ray
 
-    cfg = SessionConfig(num_executors=1, executor_cores=2, executor_memory="2g", app_name="rayline-tests")
+    cfg = SessionConfig(
+        num_executors=1, executor_cores=2, executor_memory="2g", app_name="rayline-tests"
+    )
     with spark_on_ray(cfg, warehouse=session_dir / "warehouse") as s:
         yield s
 
@@ -49,7 +51,10 @@ def make_spec(tmp_path):
             "name": over.pop("name", "t"),
             "sources": sources,
             "stages": stages,
-            "outputs": over.pop("outputs", {"curated": {"table": f"t_{os.getpid()}_{tmp_path.name[-12:].replace('-', '_')}"}}),
+            "outputs": over.pop(
+                "outputs",
+                {"curated": {"table": f"t_{os.getpid()}_{tmp_path.name[-12:].replace('-', '_')}"}},
+            ),
             "warehouse": str(tmp_path / "warehouse"),
             "run_store": str(tmp_path / "runs"),
             **over,

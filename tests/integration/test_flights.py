@@ -32,7 +32,9 @@ def flights_run(spark, tmp_path_factory):
 
 def raw_flights(spark):
     return (
-        spark.read.option("header", "true").option("nullValue", "NA").option("inferSchema", "true")
+        spark.read.option("header", "true")
+        .option("nullValue", "NA")
+        .option("inferSchema", "true")
         .csv(str(FLIGHTS_DATA / "flights.csv"))
     )
 
@@ -72,7 +74,16 @@ def test_counts_match_independent_computation(spark, flights_run):
 def test_weather_join_and_derived_columns(spark, flights_run):
     _, result = flights_run
     cur = spark.read.parquet(result.record["outputs"]["curated"]["path"])
-    assert {"temp", "wind_speed", "precip", "is_delayed", "speed_mph", "route", "sched_dep_local", "month"} <= set(cur.columns)
+    assert {
+        "temp",
+        "wind_speed",
+        "precip",
+        "is_delayed",
+        "speed_mph",
+        "route",
+        "sched_dep_local",
+        "month",
+    } <= set(cur.columns)
     row = cur.where("carrier = 'UA' AND flight = 1545 AND month = 1 AND day = 1").first()
     assert row["route"] == "EWR-IAH" and row["is_delayed"] == 0
     assert str(row["sched_dep_local"]) == "2013-01-01 05:15:00"
@@ -84,7 +95,12 @@ def test_analytics_agree_with_spark(spark, flights_run):
     _, result = flights_run
     rep = json.loads(Path(result.run_dir, "reports", "profile.json").read_text())
     cur = spark.read.parquet(result.record["outputs"]["curated"]["path"])
-    agg = cur.selectExpr("avg(dep_delay) m", "stddev(dep_delay) s", "count(dep_delay) n", "corr(dep_delay, arr_delay) c").first()
+    agg = cur.selectExpr(
+        "avg(dep_delay) m",
+        "stddev(dep_delay) s",
+        "count(dep_delay) n",
+        "corr(dep_delay, arr_delay) c",
+    ).first()
     dep = rep["numeric"]["dep_delay"]
     assert dep["mean"] == pytest.approx(agg["m"]) and dep["stddev"] == pytest.approx(agg["s"])
     assert dep["count"] == agg["n"] and dep["nulls"] == rep["rows"] - agg["n"]
@@ -93,7 +109,10 @@ def test_analytics_agree_with_spark(spark, flights_run):
     q1, q3 = dep["quantiles"]["0.25"], dep["quantiles"]["0.75"]
     hi = q3 + 1.5 * (q3 - q1)
     lo = q1 - 1.5 * (q3 - q1)
-    assert rep["outliers"]["dep_delay"]["count"] == cur.where(f"dep_delay > {hi} OR dep_delay < {lo}").count()
+    assert (
+        rep["outliers"]["dep_delay"]["count"]
+        == cur.where(f"dep_delay > {hi} OR dep_delay < {lo}").count()
+    )
     assert len(rep["outliers"]["dep_delay"]["samples"]) == 5
     top = rep["top_values"]["carrier"]
     assert top[0]["value"] == "UA" and top[0]["count"] == cur.where("carrier = 'UA'").count()
@@ -105,14 +124,32 @@ def test_analytics_agree_with_spark(spark, flights_run):
 def test_report_lineage_and_cli(flights_run, capsys):
     spec, result = flights_run
     html = Path(result.run_dir, "report.html").read_text()
-    for needle in ("Quality: checks", "dest_known", "data:image/png;base64", "flights_curated", "Lineage"):
+    for needle in (
+        "Quality: checks",
+        "dest_known",
+        "data:image/png;base64",
+        "flights_curated",
+        "Lineage",
+    ):
         assert needle in html
-    events = [json.loads(x) for x in Path(result.run_dir, "lineage", "events.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(x)
+        for x in Path(result.run_dir, "lineage", "events.jsonl").read_text().splitlines()
+    ]
     done = {e["job"]["name"] for e in events if e["eventType"] == "COMPLETE"}
     assert done == {f"flights.{s}" for s in ("schema", "prepare", "checks", "profile", "publish")}
-    prepare = next(e for e in events if e["job"]["name"] == "flights.prepare" and e["eventType"] == "COMPLETE")
-    assert {Path(i["name"]).name for i in prepare["inputs"] if i["namespace"] == "file"} == {"flights.csv", "weather.csv"}
-    assert all(i["facets"]["rayline_fingerprint"]["fingerprint"] for i in prepare["inputs"] if i["namespace"] == "file")
+    prepare = next(
+        e for e in events if e["job"]["name"] == "flights.prepare" and e["eventType"] == "COMPLETE"
+    )
+    assert {Path(i["name"]).name for i in prepare["inputs"] if i["namespace"] == "file"} == {
+        "flights.csv",
+        "weather.csv",
+    }
+    assert all(
+        i["facets"]["rayline_fingerprint"]["fingerprint"]
+        for i in prepare["inputs"]
+        if i["namespace"] == "file"
+    )
 
     assert cli(["runs", "show", result.run_id, "--run-store", spec.run_store]) == 0
     out = capsys.readouterr().out
@@ -129,4 +166,8 @@ def test_partitioned_output_is_complete(flights_run):
     assert months == {f"month={m}" for m in range(1, 13)}
     assert (path / "_SUCCESS").exists()
     staging = Path(path.parent, "_staging")
-    assert not any(p.name.startswith("flights_curated") for p in staging.iterdir()) if staging.exists() else True
+    assert (
+        not any(p.name.startswith("flights_curated") for p in staging.iterdir())
+        if staging.exists()
+        else True
+    )

@@ -43,17 +43,43 @@ def test_quality_rules_quarantine_with_reasons(spark, write_csv, make_spec):
         people_sources(write_csv),
         [
             {"name": "schema", "type": "schema"},
-            {"name": "prep", "type": "transform", "input": "people", "steps": [{"op": "derive", "columns": {"adult": "age >= 18"}}]},
-            {"name": "checks", "type": "quality", "rules": [
-                {"name": "age_present", "type": "not_null", "columns": ["age"]},
-                {"name": "id_unique", "type": "unique", "columns": ["id"]},
-                {"name": "age_range", "type": "range", "column": "age", "min": 18, "max": 120},
-                {"name": "email_ok", "type": "regex", "column": "email", "pattern": "[^@]+@[^@]+", "severity": "warn"},
-                {"name": "country_known", "type": "referential", "column": "country", "source": "countries", "source_column": "code"},
-                {"name": "score_set", "type": "in_set", "column": "score", "values": [0.1, 0.3, 0.5, 0.7, 0.9]},
-                {"name": "score_expr", "type": "expression", "expression": "score <= 1.0"},
-                {"name": "rows", "type": "row_count", "min": 3, "max": 100},
-            ]},
+            {
+                "name": "prep",
+                "type": "transform",
+                "input": "people",
+                "steps": [{"op": "derive", "columns": {"adult": "age >= 18"}}],
+            },
+            {
+                "name": "checks",
+                "type": "quality",
+                "rules": [
+                    {"name": "age_present", "type": "not_null", "columns": ["age"]},
+                    {"name": "id_unique", "type": "unique", "columns": ["id"]},
+                    {"name": "age_range", "type": "range", "column": "age", "min": 18, "max": 120},
+                    {
+                        "name": "email_ok",
+                        "type": "regex",
+                        "column": "email",
+                        "pattern": "[^@]+@[^@]+",
+                        "severity": "warn",
+                    },
+                    {
+                        "name": "country_known",
+                        "type": "referential",
+                        "column": "country",
+                        "source": "countries",
+                        "source_column": "code",
+                    },
+                    {
+                        "name": "score_set",
+                        "type": "in_set",
+                        "column": "score",
+                        "values": [0.1, 0.3, 0.5, 0.7, 0.9],
+                    },
+                    {"name": "score_expr", "type": "expression", "expression": "score <= 1.0"},
+                    {"name": "rows", "type": "row_count", "min": 3, "max": 100},
+                ],
+            },
         ],
     )
     result = run_pipeline(spec, spark=spark)
@@ -66,16 +92,24 @@ def test_quality_rules_quarantine_with_reasons(spark, write_csv, make_spec):
     assert by["country_known"]["failed"] == 1  # XX
     assert by["score_set"]["failed"] == 1 and by["score_expr"]["failed"] == 1  # 1.5
     assert by["rows"]["verdict"] == "passed" and by["rows"]["observed"] == 6
-    assert by["id_unique"]["samples"] and {s["name"] for s in by["id_unique"]["samples"]} == {"dan", "eve"}
+    assert by["id_unique"]["samples"] and {s["name"] for s in by["id_unique"]["samples"]} == {
+        "dan",
+        "eve",
+    }
 
     clean = {r["name"] for r in read_table(spark, result, "curated").collect()}
     assert clean == {"ann", "cid", "fay"} - {"cid"}  # cid: null age; email warn keeps nothing out
-    q = {r["name"]: set(r["_rayline_reasons"]) for r in read_table(spark, result, "quarantine").collect()}
+    q = {
+        r["name"]: set(r["_rayline_reasons"])
+        for r in read_table(spark, result, "quarantine").collect()
+    }
     assert q["bob"] == {"age_range"}
     assert q["cid"] == {"age_present", "email_ok"}
     assert q["dan"] == {"id_unique", "country_known", "score_set", "score_expr"}
     assert q["eve"] == {"id_unique"}
-    assert result.record["stages"][2]["rows_in"] == 6 and result.record["stages"][2]["rows_out"] == 2
+    assert (
+        result.record["stages"][2]["rows_in"] == 6 and result.record["stages"][2]["rows_out"] == 2
+    )
     assert result.record["outputs"]["quarantine"]["reasons"]["id_unique"] == 2
     # registered in the catalog
     table = spec.outputs.curated.table
@@ -83,18 +117,38 @@ def test_quality_rules_quarantine_with_reasons(spark, write_csv, make_spec):
 
 
 def test_malformed_lines_are_quarantined_with_the_raw_line(spark, write_csv, make_spec):
-    path = write_csv("m", """
+    path = write_csv(
+        "m",
+        """
         a,b,c
         1,x,2013-01-01T10:00:00Z
         oops,y,2013-01-01T10:00:00Z
         3,z
         4,w,2013-01-01T11:00:00Z
-    """)
+    """,
+    )
     spec = make_spec(
-        {"m": {"path": path, "format": "csv", "max_malformed_fraction": 0.6, "columns": [
-            {"name": "a", "type": "int"}, {"name": "b", "type": "string"}, {"name": "c", "type": "timestamp"}]}},
-        [{"name": "schema", "type": "schema"},
-         {"name": "prep", "type": "transform", "input": "m", "steps": [{"op": "select", "columns": ["a", "b"]}]}],
+        {
+            "m": {
+                "path": path,
+                "format": "csv",
+                "max_malformed_fraction": 0.6,
+                "columns": [
+                    {"name": "a", "type": "int"},
+                    {"name": "b", "type": "string"},
+                    {"name": "c", "type": "timestamp"},
+                ],
+            }
+        },
+        [
+            {"name": "schema", "type": "schema"},
+            {
+                "name": "prep",
+                "type": "transform",
+                "input": "m",
+                "steps": [{"op": "select", "columns": ["a", "b"]}],
+            },
+        ],
     )
     result = run_pipeline(spec, spark=spark)
     assert sorted(r["a"] for r in read_table(spark, result, "curated").collect()) == [1, 4]
@@ -109,17 +163,41 @@ def test_malformed_lines_are_quarantined_with_the_raw_line(spark, write_csv, mak
 def test_transform_steps(spark, write_csv, make_spec):
     spec = make_spec(
         people_sources(write_csv),
-        [{"name": "prep", "type": "transform", "input": "people", "steps": [
-            {"op": "filter", "condition": "age IS NULL OR age < 50"},
-            {"op": "fill_null", "values": {"age": 0}},
-            {"op": "dedupe", "keys": ["id"], "order_by": "age DESC"},
-            {"op": "join", "source": "countries", "on": ["country"], "right_on": ["code"], "how": "inner", "columns": ["label"], "prefix": "c_", "broadcast": True},
-            {"op": "rename", "columns": {"name": "who"}},
-            {"op": "cast", "columns": {"age": "double"}},
-            {"op": "derive", "columns": {"age2": "age * 2", "tag": "concat(who, '/', c_label)"}},
-            {"op": "timestamp", "column": "ts", "from_parts": {"year": "2020", "month": "1", "day": "id", "hour": "12"}, "timezone": "Europe/Stockholm"},
-            {"op": "drop", "columns": ["email"]},
-        ]}],
+        [
+            {
+                "name": "prep",
+                "type": "transform",
+                "input": "people",
+                "steps": [
+                    {"op": "filter", "condition": "age IS NULL OR age < 50"},
+                    {"op": "fill_null", "values": {"age": 0}},
+                    {"op": "dedupe", "keys": ["id"], "order_by": "age DESC"},
+                    {
+                        "op": "join",
+                        "source": "countries",
+                        "on": ["country"],
+                        "right_on": ["code"],
+                        "how": "inner",
+                        "columns": ["label"],
+                        "prefix": "c_",
+                        "broadcast": True,
+                    },
+                    {"op": "rename", "columns": {"name": "who"}},
+                    {"op": "cast", "columns": {"age": "double"}},
+                    {
+                        "op": "derive",
+                        "columns": {"age2": "age * 2", "tag": "concat(who, '/', c_label)"},
+                    },
+                    {
+                        "op": "timestamp",
+                        "column": "ts",
+                        "from_parts": {"year": "2020", "month": "1", "day": "id", "hour": "12"},
+                        "timezone": "Europe/Stockholm",
+                    },
+                    {"op": "drop", "columns": ["email"]},
+                ],
+            }
+        ],
     )
     result = run_pipeline(spec, spark=spark)
     rows = {r["who"]: r.asDict() for r in read_table(spark, result, "curated").collect()}
@@ -135,10 +213,17 @@ def test_transform_steps(spark, write_csv, make_spec):
 def test_unknown_column_names_stage_step_and_column(spark, write_csv, make_spec):
     spec = make_spec(
         people_sources(write_csv),
-        [{"name": "prep", "type": "transform", "input": "people", "steps": [
-            {"op": "select", "columns": ["id", "name"]},
-            {"op": "derive", "columns": {"x": "nmae || '!'"}},
-        ]}],
+        [
+            {
+                "name": "prep",
+                "type": "transform",
+                "input": "people",
+                "steps": [
+                    {"op": "select", "columns": ["id", "name"]},
+                    {"op": "derive", "columns": {"x": "nmae || '!'"}},
+                ],
+            }
+        ],
     )
     with pytest.raises(RunFailed) as e:
         run_pipeline(spec, spark=spark)
@@ -152,37 +237,65 @@ def test_unknown_column_names_stage_step_and_column(spark, write_csv, make_spec)
 
 
 def test_missing_source_names_the_source(spark, make_spec, tmp_path):
-    spec = make_spec({"gone": {"path": str(tmp_path / "nope" / "*.csv"), "format": "csv"}},
-                     [{"name": "schema", "type": "schema"}])
+    spec = make_spec(
+        {"gone": {"path": str(tmp_path / "nope" / "*.csv"), "format": "csv"}},
+        [{"name": "schema", "type": "schema"}],
+    )
     with pytest.raises(RunFailed, match=r"source 'gone': no file matches"):
         run_pipeline(spec, spark=spark)
 
 
 def test_empty_source_is_an_error(spark, write_csv, make_spec):
     path = write_csv("empty", "a,b\n")
-    spec = make_spec({"e": {"path": path, "format": "csv"}},
-                     [{"name": "schema", "type": "schema"},
-                      {"name": "p", "type": "transform", "input": "e", "steps": [{"op": "select", "columns": ["a"]}]}])
+    spec = make_spec(
+        {"e": {"path": path, "format": "csv"}},
+        [
+            {"name": "schema", "type": "schema"},
+            {
+                "name": "p",
+                "type": "transform",
+                "input": "e",
+                "steps": [{"op": "select", "columns": ["a"]}],
+            },
+        ],
+    )
     with pytest.raises(RunFailed, match=r"source 'e'.*empty"):
         run_pipeline(spec, spark=spark)
 
 
 def test_schema_policies(spark, write_csv, make_spec, tmp_path):
     path = write_csv("s", "a,b\n1,2\n3,4\n")
-    stages = [{"name": "schema", "type": "schema"},
-              {"name": "p", "type": "transform", "input": "s", "steps": [{"op": "derive", "columns": {"z": "1"}}]}]
+    stages = [
+        {"name": "schema", "type": "schema"},
+        {
+            "name": "p",
+            "type": "transform",
+            "input": "s",
+            "steps": [{"op": "derive", "columns": {"z": "1"}}],
+        },
+    ]
 
     def run(policy):
-        return run_pipeline(make_spec({"s": {"path": path, "format": "csv", "on_schema_change": policy}}, stages), spark=spark)
+        return run_pipeline(
+            make_spec({"s": {"path": path, "format": "csv", "on_schema_change": policy}}, stages),
+            spark=spark,
+        )
 
     first = run("evolve")
-    assert json.loads(Path(first.run_dir, "reports", "schema.json").read_text())["sources"]["s"]["version"] == 1
+    assert (
+        json.loads(Path(first.run_dir, "reports", "schema.json").read_text())["sources"]["s"][
+            "version"
+        ]
+        == 1
+    )
 
     # a new column and a widened type
     write_csv("s", "a,b,c\n1,2.5,x\n3,4.5,y\n")
     with pytest.raises(RunFailed) as e:
         run("fail")
-    assert "source 's'" in str(e.value) and "'b' widened: expected int, found double" in str(e.value)
+    assert "source 's'" in str(e.value) and "'b' widened: expected int, found double" in str(
+        e.value
+    )
     assert "'c' added" in str(e.value)
 
     warned = run("warn")
@@ -193,7 +306,11 @@ def test_schema_policies(spark, write_csv, make_spec, tmp_path):
     evolved = run("evolve")
     rep = json.loads(Path(evolved.run_dir, "reports", "schema.json").read_text())["sources"]["s"]
     assert rep["version"] == 2
-    assert {c["name"]: c["type"] for c in rep["accepted"]} == {"a": "int", "b": "double", "c": "string"}
+    assert {c["name"]: c["type"] for c in rep["accepted"]} == {
+        "a": "int",
+        "b": "double",
+        "c": "string",
+    }
     out = spark.read.parquet(evolved.record["outputs"]["curated"]["path"])
     assert sorted(r["b"] for r in out.collect()) == [2.5, 4.5]
 
@@ -206,9 +323,27 @@ def test_schema_policies(spark, write_csv, make_spec, tmp_path):
 def test_fail_rule_stops_the_run_and_publishes_nothing(spark, write_csv, make_spec):
     spec = make_spec(
         people_sources(write_csv),
-        [{"name": "p", "type": "transform", "input": "people", "steps": [{"op": "select", "columns": ["id", "age"]}]},
-         {"name": "checks", "type": "quality", "rules": [
-             {"name": "adults", "type": "range", "column": "age", "min": 18, "severity": "fail"}]}],
+        [
+            {
+                "name": "p",
+                "type": "transform",
+                "input": "people",
+                "steps": [{"op": "select", "columns": ["id", "age"]}],
+            },
+            {
+                "name": "checks",
+                "type": "quality",
+                "rules": [
+                    {
+                        "name": "adults",
+                        "type": "range",
+                        "column": "age",
+                        "min": 18,
+                        "severity": "fail",
+                    }
+                ],
+            },
+        ],
     )
     with pytest.raises(RunFailed) as e:
         run_pipeline(spec, spark=spark)
@@ -224,9 +359,28 @@ def test_fail_rule_stops_the_run_and_publishes_nothing(spark, write_csv, make_sp
 def test_tolerated_fraction(spark, write_csv, make_spec):
     spec = make_spec(
         people_sources(write_csv),
-        [{"name": "p", "type": "transform", "input": "people", "steps": [{"op": "select", "columns": ["id", "age"]}]},
-         {"name": "checks", "type": "quality", "rules": [
-             {"name": "adults", "type": "range", "column": "age", "min": 18, "severity": "fail", "max_failed_fraction": 0.2}]}],
+        [
+            {
+                "name": "p",
+                "type": "transform",
+                "input": "people",
+                "steps": [{"op": "select", "columns": ["id", "age"]}],
+            },
+            {
+                "name": "checks",
+                "type": "quality",
+                "rules": [
+                    {
+                        "name": "adults",
+                        "type": "range",
+                        "column": "age",
+                        "min": 18,
+                        "severity": "fail",
+                        "max_failed_fraction": 0.2,
+                    }
+                ],
+            },
+        ],
     )
     result = run_pipeline(spec, spark=spark)
     report = json.loads(Path(result.run_dir, "reports", "checks.json").read_text())
@@ -238,9 +392,19 @@ def test_resume_reuses_unchanged_stages(spark, write_csv, make_spec):
     sources = people_sources(write_csv)
     stages = [
         {"name": "schema", "type": "schema"},
-        {"name": "p", "type": "transform", "input": "people", "steps": [{"op": "select", "columns": ["id", "age"]}]},
-        {"name": "checks", "type": "quality", "rules": [
-            {"name": "adults", "type": "range", "column": "age", "min": 18, "severity": "fail"}]},
+        {
+            "name": "p",
+            "type": "transform",
+            "input": "people",
+            "steps": [{"op": "select", "columns": ["id", "age"]}],
+        },
+        {
+            "name": "checks",
+            "type": "quality",
+            "rules": [
+                {"name": "adults", "type": "range", "column": "age", "min": 18, "severity": "fail"}
+            ],
+        },
     ]
     spec = make_spec(sources, stages)
     with pytest.raises(RunFailed) as e:
@@ -253,7 +417,9 @@ def test_resume_reuses_unchanged_stages(spark, write_csv, make_spec):
     statuses = [s["status"] for s in result.record["stages"]]
     assert statuses == ["reused", "reused", "succeeded"]
     assert [a["status"] for a in result.record["attempts"]] == ["failed", "succeeded"]
-    assert result.record["outputs"]["curated"]["rows"] == 5  # bob (17) quarantined; a null age passes a range
+    assert (
+        result.record["outputs"]["curated"]["rows"] == 5
+    )  # bob (17) quarantined; a null age passes a range
     with pytest.raises(RunFailed, match="already succeeded"):
         run_pipeline(fixed, spark=spark, resume=run_id)
 
@@ -262,7 +428,12 @@ def test_resume_reruns_from_changed_input(spark, write_csv, make_spec):
     sources = people_sources(write_csv)
     stages = [
         {"name": "schema", "type": "schema"},
-        {"name": "p", "type": "transform", "input": "people", "steps": [{"op": "select", "columns": ["id", "agee"]}]},
+        {
+            "name": "p",
+            "type": "transform",
+            "input": "people",
+            "steps": [{"op": "select", "columns": ["id", "agee"]}],
+        },
     ]
     with pytest.raises(RunFailed) as e:
         run_pipeline(make_spec(sources, stages), spark=spark)
@@ -275,9 +446,19 @@ def test_resume_after_source_change_reruns_everything(spark, write_csv, make_spe
     sources = people_sources(write_csv)
     stages = [
         {"name": "schema", "type": "schema"},
-        {"name": "p", "type": "transform", "input": "people", "steps": [{"op": "select", "columns": ["id", "age"]}]},
-        {"name": "checks", "type": "quality", "rules": [
-            {"name": "adults", "type": "range", "column": "age", "min": 18, "severity": "fail"}]},
+        {
+            "name": "p",
+            "type": "transform",
+            "input": "people",
+            "steps": [{"op": "select", "columns": ["id", "age"]}],
+        },
+        {
+            "name": "checks",
+            "type": "quality",
+            "rules": [
+                {"name": "adults", "type": "range", "column": "age", "min": 18, "severity": "fail"}
+            ],
+        },
     ]
     with pytest.raises(RunFailed) as e:
         run_pipeline(make_spec(sources, stages), spark=spark)

@@ -25,7 +25,8 @@ def executor_actors():
     import ray._private.state as state
 
     return [
-        a for a in state.actors().values()
+        a
+        for a in state.actors().values()
         if (a.get("Name") or "").startswith("raydp-executor") and a["State"] == "ALIVE"
     ]
 
@@ -66,19 +67,27 @@ def test_executor_killed_mid_run(spark, tmp_path, monkeypatch):
     assert not t.is_alive()
 
     # Independent expectation from the raw data.
-    raw = (spark.read.option("header", "true").option("nullValue", "NA").option("inferSchema", "true")
-           .csv(str(FLIGHTS_DATA / "flights.csv")))
+    raw = (
+        spark.read.option("header", "true")
+        .option("nullValue", "NA")
+        .option("inferSchema", "true")
+        .csv(str(FLIGHTS_DATA / "flights.csv"))
+    )
     raw.createOrReplaceTempView("raw_flights_fault")
     bad = spark.sql("""SELECT count(*) n FROM raw_flights_fault WHERE dep_delay < -60 OR dep_delay > 1200
-        OR arr_delay < -120 OR arr_delay > 1200 OR (distance / (air_time / 60.0)) NOT BETWEEN 50 AND 700""").first()["n"]
+        OR arr_delay < -120 OR arr_delay > 1200 OR (distance / (air_time / 60.0)) NOT BETWEEN 50 AND 700""").first()[
+        "n"
+    ]
 
     if "result" in outcome:
         # Spark re-ran the lost tasks on the replacement executor: results are exact.
         out = outcome["result"].record["outputs"]
         assert out["curated"]["rows"] == 336_776 - bad
         assert out["quarantine"]["rows"] == bad
-        print(f"executor {killed['Name']} (pid {killed['Pid']}) killed in 'checks'; run succeeded, "
-              f"{out['curated']['rows']:,} curated + {out['quarantine']['rows']:,} quarantined rows")
+        print(
+            f"executor {killed['Name']} (pid {killed['Pid']}) killed in 'checks'; run succeeded, "
+            f"{out['curated']['rows']:,} curated + {out['quarantine']['rows']:,} quarantined rows"
+        )
     else:
         # Otherwise the failure is recorded clearly and the run resumes to the same result.
         err = outcome["error"]

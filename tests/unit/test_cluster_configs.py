@@ -38,8 +38,16 @@ def test_cluster_config_rejects_a_typo():
 
 
 def test_cluster_env_sets_the_java_flags():
-    out = subprocess.run(["bash", "-c", f". {ROOT}/scripts/cluster-env.sh && echo $JDK_JAVA_OPTIONS && echo $RAY_AUTH_MODE"],
-                         capture_output=True, text=True, check=True).stdout.split("\n")
+    out = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f". {ROOT}/scripts/cluster-env.sh && echo $JDK_JAVA_OPTIONS && echo $RAY_AUTH_MODE",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     for pkg in JAVA17_OPENS:
         assert f"--add-opens={pkg}=ALL-UNNAMED" in out[0].split()
     assert out[1] == "token"

@@ -8,8 +8,17 @@ BASE = {
     "name": "p",
     "sources": {"a": {"path": "a.csv", "format": "csv"}, "b": {"path": "b.csv", "format": "csv"}},
     "stages": [
-        {"name": "prep", "type": "transform", "input": "a", "steps": [{"op": "select", "columns": ["x"]}]},
-        {"name": "q", "type": "quality", "rules": [{"name": "r", "type": "not_null", "columns": ["x"]}]},
+        {
+            "name": "prep",
+            "type": "transform",
+            "input": "a",
+            "steps": [{"op": "select", "columns": ["x"]}],
+        },
+        {
+            "name": "q",
+            "type": "quality",
+            "rules": [{"name": "r", "type": "not_null", "columns": ["x"]}],
+        },
     ],
     "outputs": {"curated": {"table": "t"}},
 }
@@ -77,7 +86,10 @@ def test_join_with_unknown_source():
         ({"name": "r", "type": "row_count", "severity": "quarantine", "min": 1}, "severity"),
         ({"name": "r", "type": "freshness", "column": "t", "max_age": "3 years"}, "max_age"),
         ({"name": "bad name", "type": "not_null", "columns": ["x"]}, "name"),
-        ({"name": "r", "type": "not_null", "columns": ["x"], "max_failed_fraction": 2}, "max_failed_fraction"),
+        (
+            {"name": "r", "type": "not_null", "columns": ["x"], "max_failed_fraction": 2},
+            "max_failed_fraction",
+        ),
     ],
 )
 def test_rule_validation(rule, fragment):
@@ -139,7 +151,8 @@ def test_unset_env_without_default_is_an_error(monkeypatch):
 
 def test_yaml_on_key_stays_a_string(tmp_path):
     p = tmp_path / "s.yaml"
-    p.write_text(textwrap.dedent("""
+    p.write_text(
+        textwrap.dedent("""
         name: p
         sources:
           a: {path: a.csv, format: csv}
@@ -151,7 +164,8 @@ def test_yaml_on_key_stays_a_string(tmp_path):
             steps:
               - {op: join, source: b, on: [k], how: left}
         outputs: {curated: {table: t}}
-    """))
+    """)
+    )
     s = load_spec(p)
     assert s.stages[0].steps[0].on == ["k"]
 
@@ -174,4 +188,14 @@ def test_example_spec_is_valid():
     s = load_spec(Path(__file__).resolve().parents[2] / "pipelines" / "flights.yaml")
     assert {"flights", "weather", "airlines", "airports"} <= set(s.sources)
     types = {r.type for st in s.stages if st.type == "quality" for r in st.rules}
-    assert {"not_null", "unique", "range", "regex", "in_set", "referential", "row_count", "freshness", "expression"} <= types
+    assert {
+        "not_null",
+        "unique",
+        "range",
+        "regex",
+        "in_set",
+        "referential",
+        "row_count",
+        "freshness",
+        "expression",
+    } <= types

@@ -47,7 +47,9 @@ def _pick_columns(df: Any, cfg: AnalyticsStage) -> tuple[list[str], list[str]]:
     return numeric, categorical
 
 
-def _first_pass(df: Any, numeric: list[str], categorical: list[str], cfg: AnalyticsStage) -> dict[str, Any]:
+def _first_pass(
+    df: Any, numeric: list[str], categorical: list[str], cfg: AnalyticsStage
+) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     qs = sorted(set(cfg.quantiles) | {0.25, 0.75})
@@ -62,7 +64,9 @@ def _first_pass(df: Any, numeric: list[str], categorical: list[str], cfg: Analyt
             F.max(x).alias(f"max{i}"),
             F.percentile_approx(x, qs, 10000).alias(f"q{i}"),
         ]
-    pairs = [(a, b) for i, a in enumerate(numeric) for b in numeric[i + 1 :]] if cfg.correlation else []
+    pairs = (
+        [(a, b) for i, a in enumerate(numeric) for b in numeric[i + 1 :]] if cfg.correlation else []
+    )
     for k, (a, b) in enumerate(pairs):
         aggs.append(F.corr(_c(a).cast("double"), _c(b).cast("double")).alias(f"corr{k}"))
     for j, c in enumerate(categorical):
@@ -85,10 +89,19 @@ def _first_pass(df: Any, numeric: list[str], categorical: list[str], cfg: Analyt
     for k, (a, b) in enumerate(pairs):
         corr[a][b] = corr[b][a] = _num(row[f"corr{k}"])
     cats = {
-        c: {"count": int(row[f"cn{j}"]), "nulls": total - int(row[f"cn{j}"]), "cardinality": int(row[f"cd{j}"])}
+        c: {
+            "count": int(row[f"cn{j}"]),
+            "nulls": total - int(row[f"cn{j}"]),
+            "cardinality": int(row[f"cd{j}"]),
+        }
         for j, c in enumerate(categorical)
     }
-    return {"rows": total, "numeric": stats, "correlation": corr if cfg.correlation else None, "categorical": cats}
+    return {
+        "rows": total,
+        "numeric": stats,
+        "correlation": corr if cfg.correlation else None,
+        "categorical": cats,
+    }
 
 
 def _fences(s: dict[str, Any], cfg: AnalyticsStage) -> tuple[float, float] | None:
@@ -100,7 +113,9 @@ def _fences(s: dict[str, Any], cfg: AnalyticsStage) -> tuple[float, float] | Non
         return q1 - cfg.outlier_threshold * iqr, q3 + cfg.outlier_threshold * iqr
     if s["mean"] is None or not s["stddev"]:
         return None
-    return s["mean"] - cfg.outlier_threshold * s["stddev"], s["mean"] + cfg.outlier_threshold * s["stddev"]
+    return s["mean"] - cfg.outlier_threshold * s["stddev"], s["mean"] + cfg.outlier_threshold * s[
+        "stddev"
+    ]
 
 
 def _second_pass(
@@ -132,11 +147,19 @@ def _second_pass(
             fences[c] = f
             out = (x < f[0]) | (x > f[1])
         items.append(
-            F.struct(F.lit(k).alias("k"), bucket.cast("string").alias("v"), F.coalesce(out, F.lit(False)).alias("o"))
+            F.struct(
+                F.lit(k).alias("k"),
+                bucket.cast("string").alias("v"),
+                F.coalesce(out, F.lit(False)).alias("o"),
+            )
         )
     base = len(numeric)
     for j, c in enumerate(categorical):
-        items.append(F.struct(F.lit(base + j).alias("k"), _c(c).cast("string").alias("v"), F.lit(False).alias("o")))
+        items.append(
+            F.struct(
+                F.lit(base + j).alias("k"), _c(c).cast("string").alias("v"), F.lit(False).alias("o")
+            )
+        )
     if not items:
         return {}, {}
     grouped = (
@@ -170,8 +193,17 @@ def _second_pass(
         }
     for c in top:
         top[c].sort(key=lambda e: (-e["count"], e["value"]))
-    out = {c: {"method": cfg.outlier_method, "threshold": cfg.outlier_threshold, "low": f[0], "high": f[1], "count": outliers[c]} for c, f in fences.items()}
-    return {"histograms": hist, "top_values": top}, out
+    found = {
+        c: {
+            "method": cfg.outlier_method,
+            "threshold": cfg.outlier_threshold,
+            "low": f[0],
+            "high": f[1],
+            "count": outliers[c],
+        }
+        for c, f in fences.items()
+    }
+    return {"histograms": hist, "top_values": top}, found
 
 
 def render_charts(report: dict[str, Any], out_dir: Path, prefix: str) -> dict[str, str]:
@@ -191,7 +223,13 @@ def render_charts(report: dict[str, Any], out_dir: Path, prefix: str) -> dict[st
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
         for ax, (c, h) in zip(axes.flat, hist.items(), strict=False):
             e = h["edges"]
-            ax.bar(e[:-1], h["counts"], width=(e[1] - e[0]) if len(e) > 1 else 1, align="edge", color="#4C72B0")
+            ax.bar(
+                e[:-1],
+                h["counts"],
+                width=(e[1] - e[0]) if len(e) > 1 else 1,
+                align="edge",
+                color="#4C72B0",
+            )
             ax.set_title(c, fontsize=9)
             ax.tick_params(labelsize=7)
         for ax in list(axes.flat)[n:]:
@@ -204,7 +242,9 @@ def render_charts(report: dict[str, Any], out_dir: Path, prefix: str) -> dict[st
     corr = report.get("correlation")
     if corr and len(corr) > 1:
         names = list(corr)
-        m = [[(corr[a][b] if corr[a][b] is not None else float("nan")) for b in names] for a in names]
+        m = [
+            [(corr[a][b] if corr[a][b] is not None else float("nan")) for b in names] for a in names
+        ]
         fig, ax = plt.subplots(figsize=(1 + 0.5 * len(names), 0.8 + 0.5 * len(names)))
         im = ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1)
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)

@@ -60,7 +60,9 @@ def _source_bytes(ctx: RunContext, name: str) -> int:
     total = 0
     for p in ctx.paths(name):
         if os.path.isdir(p):
-            total += sum(f.stat().st_size for f in __import__("pathlib").Path(p).rglob("*") if f.is_file())
+            total += sum(
+                f.stat().st_size for f in __import__("pathlib").Path(p).rglob("*") if f.is_file()
+            )
         else:
             total += os.path.getsize(p)
     return total
@@ -82,7 +84,9 @@ def _row_flags(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[s
         elif isinstance(rule, UniqueRule):
             _need(df, rule.columns, rule.name)
             cnt = f"_rayline_u{i}"
-            df = df.withColumn(cnt, F.count(F.lit(1)).over(Window.partitionBy(*map(_col, rule.columns))))
+            df = df.withColumn(
+                cnt, F.count(F.lit(1)).over(Window.partitionBy(*map(_col, rule.columns)))
+            )
             keys_present = F.lit(True)
             for c in rule.columns:
                 keys_present = keys_present & _col(c).isNotNull()
@@ -148,7 +152,9 @@ def _verdict(rule: Any, failed: int, checked: int) -> tuple[str, float]:
     return ("quarantined" if rule.severity == "quarantine" else "tolerated"), fraction
 
 
-def _summarise(full: Any, cfg: QualityStage, ctx: RunContext, row_rules: list[str]) -> dict[str, Any]:
+def _summarise(
+    full: Any, cfg: QualityStage, ctx: RunContext, row_rules: list[str]
+) -> dict[str, Any]:
     """One aggregation over the written rows: per-rule failures and dataset-rule inputs."""
     from pyspark.sql import functions as F
 
@@ -174,14 +180,15 @@ def _summarise(full: Any, cfg: QualityStage, ctx: RunContext, row_rules: list[st
                 rule.max is not None and total > rule.max
             )
             entry.update(
-                checked=1, failed=int(bad), fraction=float(bad), observed=total,
+                checked=1,
+                failed=int(bad),
+                fraction=float(bad),
+                observed=total,
                 verdict=("warned" if rule.severity == "warn" else "failed") if bad else "passed",
             )
         elif isinstance(rule, FreshnessRule):
             latest = row[f"f{fresh.index(rule)}"]
-            ref = (
-                datetime.fromisoformat(rule.reference) if rule.reference else ctx.started_at
-            )
+            ref = datetime.fromisoformat(rule.reference) if rule.reference else ctx.started_at
             if latest is not None and latest.tzinfo is None and ref.tzinfo is not None:
                 ref = ref.replace(tzinfo=None)  # Spark returns UTC wall-clock times
             if latest is not None and ref.tzinfo is None and latest.tzinfo is not None:
@@ -189,8 +196,13 @@ def _summarise(full: Any, cfg: QualityStage, ctx: RunContext, row_rules: list[st
             age = (ref - latest).total_seconds() if latest is not None else None
             bad = age is None or age > rule.max_age_seconds()
             entry.update(
-                checked=1, failed=int(bad), fraction=float(bad), latest=str(latest),
-                reference=ref.isoformat(), age_seconds=age, max_age_seconds=rule.max_age_seconds(),
+                checked=1,
+                failed=int(bad),
+                fraction=float(bad),
+                latest=str(latest),
+                reference=ref.isoformat(),
+                age_seconds=age,
+                max_age_seconds=rule.max_age_seconds(),
                 verdict=("warned" if rule.severity == "warn" else "failed") if bad else "passed",
             )
         rules.append(entry)
@@ -235,7 +247,9 @@ def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any
     except ValueError as e:
         raise StageError(ctx.stage, str(e)) from None
 
-    blocking = [r.name for r in cfg.rules if r.severity in ("quarantine", "fail") and r.name in flags]
+    blocking = [
+        r.name for r in cfg.rules if r.severity in ("quarantine", "fail") and r.name in flags
+    ]
     if flags:
         reasons = F.filter(
             F.array(*[F.when(cond, F.lit(name)) for name, cond in flags.items()]),

@@ -109,7 +109,9 @@ def _describe(ch: dict[str, Any]) -> str:
     return f"column {ch['column']!r} ({ch['type']}) removed"
 
 
-def _forgive_stray_values(ctx: RunContext, name: str, changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _forgive_stray_values(
+    ctx: RunContext, name: str, changes: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Tell a column of the wrong type from a few malformed values in a text source.
 
     Inference calls a column string if any sampled value does not parse. When at most
@@ -125,7 +127,9 @@ def _forgive_stray_values(ctx: RunContext, name: str, changes: list[dict[str, An
     if not bad or spec.format == "parquet":
         return changes
     names = [f.name for f in infer_schema(ctx.spark, name, spec, ctx.paths(name)).fields]
-    r = ctx.spark.read.format(spec.format).schema(StructType([StructField(n, StringType()) for n in names]))
+    r = ctx.spark.read.format(spec.format).schema(
+        StructType([StructField(n, StringType()) for n in names])
+    )
     for k, v in {"header": "true", **spec.options}.items():
         r = r.option(k, v)
     text = r.load(ctx.paths(name))
@@ -197,8 +201,10 @@ def _check_source(name: str, ctx: RunContext) -> dict[str, Any]:
     latest_cols = latest[1]["columns"] if latest else None
     strip = [{k: c[k] for k in ("name", "type", "nullable")} for c in accepted]
     if policy != "warn" and latest_cols != strip:
-        note = "first accepted schema" if latest is None else (
-            "; ".join(_describe(c) for c in changes) or f"{basis} schema changed"
+        note = (
+            "first accepted schema"
+            if latest is None
+            else ("; ".join(_describe(c) for c in changes) or f"{basis} schema changed")
         )
         version = ctx.store.accept_schema(ctx.spec.name, name, strip, ctx.run_id, note)
         ctx.progress(f"source {name!r}: accepted schema v{version} ({note})")
@@ -253,7 +259,11 @@ def restore(cfg: SchemaStage, ctx: RunContext, report: dict[str, Any]) -> None:
 
 
 def _apply(
-    ctx: RunContext, name: str, read: list[dict[str, Any]], drop: list[str], missing: list[dict[str, Any]]
+    ctx: RunContext,
+    name: str,
+    read: list[dict[str, Any]],
+    drop: list[str],
+    missing: list[dict[str, Any]],
 ) -> None:
     ctx.accepted[name] = _struct(read)
     ctx.reshape[name] = (drop, [(m["name"], m["type"]) for m in missing])

@@ -97,15 +97,16 @@ def _apply(df: Any, step: Any, where: str, source: Any) -> Any:
         if isinstance(step, TimestampStep):
             if step.from_parts is not None:
                 p = step.from_parts
-                parts = [F.expr(p[k]) if k in p else F.lit(0) for k in ("year", "month", "day", "hour", "minute")]
-                sec = F.expr(p["second"]) if "second" in p else F.lit(0)
-                if step.timezone:
-                    ts = F.make_timestamp(*parts, sec, F.lit(step.timezone))
-                else:
-                    ts = F.make_timestamp(*parts, sec)
+                y, mo, d, h, mi, sec = (
+                    F.expr(p[k]) if k in p else F.lit(0)
+                    for k in ("year", "month", "day", "hour", "minute", "second")
+                )
+                tz = F.lit(step.timezone) if step.timezone else None
+                ts = F.make_timestamp(y, mo, d, h, mi, sec, tz)
             else:
                 _need(df, [step.from_string or ""], where)
-                ts = F.to_timestamp(F.col(f"`{step.from_string}`"), step.format)
+                c = F.col(f"`{step.from_string}`")
+                ts = F.to_timestamp(c, step.format) if step.format else F.to_timestamp(c)
             return df.withColumn(step.column, ts)
     except (AnalysisException, ParseException) as e:
         raise _sql_error(where, e) from None
