@@ -1,10 +1,10 @@
 """Analytics stage: distributed statistics of the current DataFrame, written as JSON and charts.
 
-Two Spark passes, both aggregations (nothing but the small results reaches the driver):
+Three Spark aggregations (nothing but their small results reaches the driver):
 1. count, nulls, mean, stddev, min, max and approximate quantiles of each numeric column, the
    Pearson correlation of each pair, and the approximate cardinality of each categorical one;
-2. one exploded group-by giving every numeric column's histogram and outlier count and every
-   categorical column's top values.
+2. a count per histogram bucket and the outlier count of every numeric column;
+3. one exploded group-by giving every categorical column's top values.
 A few outlier rows per column are then sampled with a limit.
 """
 
@@ -121,78 +121,67 @@ def _fences(s: dict[str, Any], cfg: AnalyticsStage) -> tuple[float, float] | Non
 def _second_pass(
     df: Any, numeric: list[str], categorical: list[str], first: dict[str, Any], cfg: AnalyticsStage
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Histograms, outlier counts and top values in one exploded aggregation."""
+    """Histograms and outlier counts in one aggregation (a count per bucket: no shuffle of
+    rows), then the top values of the categorical columns in one exploded group-by."""
     from pyspark.sql import functions as F
     from pyspark.sql.window import Window
 
-    items = []
+    aggs = []
     fences: dict[str, tuple[float, float]] = {}
     widths: dict[str, tuple[float, float]] = {}
+    bins = cfg.histogram_bins
     for k, c in enumerate(numeric):
         s = first["numeric"][c]
         if s["min"] is None:
             continue
         lo, hi = s["min"], s["max"]
-        width = (hi - lo) / cfg.histogram_bins if hi > lo else 1.0
+        width = (hi - lo) / bins if hi > lo else 1.0
         widths[c] = (lo, width)
         x = _c(c).cast("double")
-        # least() skips nulls, so guard them: a null value belongs to no bucket.
+        # A null value belongs to no bucket; the maximum falls in the last one.
+        # (least() skips nulls, hence the guard.)
         bucket = F.when(
-            x.isNotNull(),
-            F.least(F.floor((x - F.lit(lo)) / F.lit(width)), F.lit(cfg.histogram_bins - 1)),
+            x.isNotNull(), F.least(F.floor((x - F.lit(lo)) / F.lit(width)), F.lit(bins - 1))
         )
+        for b in range(bins):
+            aggs.append(F.count(F.when(bucket == b, 1)).alias(f"h{k}_{b}"))
         f = _fences(s, cfg)
-        out = F.lit(False)
         if f:
             fences[c] = f
-            out = (x < f[0]) | (x > f[1])
-        items.append(
-            F.struct(
-                F.lit(k).alias("k"),
-                bucket.cast("string").alias("v"),
-                F.coalesce(out, F.lit(False)).alias("o"),
-            )
-        )
-    base = len(numeric)
-    for j, c in enumerate(categorical):
-        items.append(
-            F.struct(
-                F.lit(base + j).alias("k"), _c(c).cast("string").alias("v"), F.lit(False).alias("o")
-            )
-        )
-    if not items:
-        return {}, {}
-    grouped = (
-        df.select(F.explode(F.array(*items)).alias("e"))
-        .where(F.col("e.v").isNotNull())
-        .groupBy(F.col("e.k").alias("k"), F.col("e.v").alias("v"))
-        .agg(F.count(F.lit(1)).alias("n"), F.sum(F.col("e.o").cast("long")).alias("o"))
-    )
-    w = Window.partitionBy("k").orderBy(F.col("n").desc(), F.col("v"))
-    # Numeric buckets are few (<= bins); categorical values are cut to the top k in Spark.
-    small = grouped.withColumn("rank", F.row_number().over(w)).where(
-        (F.col("k") < base) | (F.col("rank") <= cfg.top_k)
-    )
+            aggs.append(F.count(F.when((x < f[0]) | (x > f[1]), 1)).alias(f"o{k}"))
     hist: dict[str, Any] = {}
+    outliers: dict[str, int] = {}
+    if aggs:
+        row = df.agg(*aggs).first().asDict()
+        for k, c in enumerate(numeric):
+            if c in widths:
+                lo, width = widths[c]
+                hist[c] = {
+                    "edges": [lo + i * width for i in range(bins + 1)],
+                    "counts": [int(row[f"h{k}_{b}"]) for b in range(bins)],
+                }
+            if c in fences:
+                outliers[c] = int(row[f"o{k}"])
+
     top: dict[str, Any] = {c: [] for c in categorical}
-    outliers: dict[str, int] = {c: 0 for c in fences}
-    counts: dict[str, dict[int, int]] = {}
-    for r in small.collect():
-        k = int(r["k"])
-        if k < base:
-            c = numeric[k]
-            counts.setdefault(c, {})[int(float(r["v"]))] = int(r["n"])
-            if c in outliers:
-                outliers[c] += int(r["o"] or 0)
-        else:
-            top[categorical[k - base]].append({"value": r["v"], "count": int(r["n"])})
-    for c, (lo, width) in widths.items():
-        hist[c] = {
-            "edges": [lo + i * width for i in range(cfg.histogram_bins + 1)],
-            "counts": [counts.get(c, {}).get(i, 0) for i in range(cfg.histogram_bins)],
-        }
-    for c in top:
-        top[c].sort(key=lambda e: (-e["count"], e["value"]))
+    if categorical:
+        items = [
+            F.struct(F.lit(j).alias("k"), _c(c).cast("string").alias("v"))
+            for j, c in enumerate(categorical)
+        ]
+        w = Window.partitionBy("k").orderBy(F.col("n").desc(), F.col("v"))
+        ranked = (
+            df.select(F.explode(F.array(*items)).alias("e"))
+            .where(F.col("e.v").isNotNull())
+            .groupBy(F.col("e.k").alias("k"), F.col("e.v").alias("v"))
+            .agg(F.count(F.lit(1)).alias("n"))
+            .withColumn("rank", F.row_number().over(w))
+            .where(F.col("rank") <= cfg.top_k)
+        )
+        for r in ranked.collect():
+            top[categorical[int(r["k"])]].append({"value": r["v"], "count": int(r["n"])})
+        for c in top:
+            top[c].sort(key=lambda e: (-e["count"], e["value"]))
     found = {
         c: {
             "method": cfg.outlier_method,
