@@ -37,8 +37,17 @@ case "${1:-}" in
     echo "    -- python workloads/batch_pipeline.py --spec pipelines/flights.yaml"
     ;;
   down)
-    # `ray stop` ends every Ray instance of this user on the machine, not only this one.
-    "$RAY" stop --force >/dev/null 2>&1 || true
+    # Stop this cluster's processes only (those that name its GCS port), not other Ray
+    # instances on the machine as `ray stop` would; RAYLINE_STOP_ALL=1 runs `ray stop` instead.
+    if [ "${RAYLINE_STOP_ALL:-0}" = 1 ]; then "$RAY" stop --force >/dev/null 2>&1 || true; echo "cluster: down (ray stop)"; exit 0; fi
+    pattern="(gcs_server_port=|gcs-address=[^ ]*:|ray\.address=[^ ]*:|--address=[^ ]*:)$PORT( |$)"
+    pids=$(pgrep -f -- "$pattern" || true)
+    if [ -n "$pids" ]; then
+      kill $pids 2>/dev/null || true
+      for _ in $(seq 1 20); do pgrep -f -- "$pattern" >/dev/null || break; sleep 0.5; done
+      pids=$(pgrep -f -- "$pattern" || true)
+      [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
+    fi
     echo "cluster: down"
     ;;
   status)
