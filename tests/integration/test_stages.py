@@ -467,3 +467,30 @@ def test_resume_after_source_change_reruns_everything(spark, write_csv, make_spe
     result = run_pipeline(make_spec(sources, stages), spark=spark, resume=e.value.run_id)
     assert [s["status"] for s in result.record["stages"]] == ["succeeded"] * 3
     assert result.record["outputs"]["curated"]["rows"] == 6
+
+
+def test_not_nullable_contract_column(spark, write_csv, make_spec):
+    path = write_csv("nn", "a,b\n1,x\n,y\n3,\n")
+    cols = [{"name": "a", "type": "int", "nullable": False}, {"name": "b", "type": "string"}]
+    stages = [
+        {"name": "schema", "type": "schema"},
+        {
+            "name": "p",
+            "type": "transform",
+            "input": "nn",
+            "steps": [{"op": "select", "columns": ["a", "b"]}],
+        },
+    ]
+    with pytest.raises(RunFailed, match=r"column 'a' is declared not nullable but has 1 null"):
+        run_pipeline(
+            make_spec({"nn": {"path": path, "format": "csv", "columns": cols}}, stages), spark=spark
+        )
+    result = run_pipeline(
+        make_spec(
+            {"nn": {"path": path, "format": "csv", "columns": cols, "on_schema_change": "warn"}},
+            stages,
+        ),
+        spark=spark,
+    )
+    rep = json.loads(Path(result.run_dir, "reports", "schema.json").read_text())["sources"]["nn"]
+    assert {"kind": "nullability", "column": "a", "nulls": 1} in rep["changes"]

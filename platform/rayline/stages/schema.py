@@ -104,6 +104,8 @@ def _describe(ch: dict[str, Any]) -> str:
         return f"column {ch['column']!r} {ch['kind']}: expected {ch['from']}, found {ch['to']}"
     if ch["kind"] == "stray_values":
         return f"column {ch['column']!r}: {ch['bad_values']:,} value(s) not {ch['from']}"
+    if ch["kind"] == "nullability":
+        return f"column {ch['column']!r} declared not nullable has {ch['nulls']:,} null(s)"
     if ch["kind"] == "added":
         return f"column {ch['column']!r} added ({ch['type']})"
     return f"column {ch['column']!r} ({ch['type']}) removed"
@@ -214,8 +216,27 @@ def _check_source(name: str, ctx: RunContext) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     raw = ctx.raw(name)
-    row = raw.agg(F.count(F.lit(1)).alias("rows"), F.count(F.col(CORRUPT)).alias("bad")).first()
+    # Nullability: columns the accepted schema declares NOT NULL are counted in the same pass.
+    required = [c["name"] for c in strip if not c["nullable"] and c["name"] in raw.columns]
+    parsed = F.col(CORRUPT).isNull()
+    row = raw.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.count(F.col(CORRUPT)).alias("bad"),
+        *[
+            F.count(F.when(parsed & F.col(f"`{c}`").isNull(), 1)).alias(f"n{i}")
+            for i, c in enumerate(required)
+        ],
+    ).first()
     rows, malformed = int(row["rows"]), int(row["bad"])
+    null_counts = {c: int(row[f"n{i}"]) for i, c in enumerate(required) if row[f"n{i}"]}
+    for c, n in null_counts.items():
+        changes.append({"kind": "nullability", "column": c, "nulls": n})
+        message = f"column {c!r} is declared not nullable but has {n:,} null(s)"
+        if policy == "fail":
+            raise StageError(
+                ctx.stage, f"source {name!r} ({spec.path}): {message} (on_schema_change=fail)"
+            )
+        ctx.progress(f"WARNING source {name!r}: {message}")
     ctx.source_rows[name] = rows
     if rows == 0:
         raise StageError(ctx.stage, f"source {name!r} ({spec.path}) is empty: no rows")
