@@ -197,8 +197,9 @@ def engine_rayline(args: argparse.Namespace) -> None:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    for r in results.values():
-        emit(r)
+        for r in results.values():  # also what finished before a failure
+            if r["times"]:
+                emit(r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,23 +219,25 @@ def _spark_local_session(cores: int, out: Path) -> Any:
     if cfg.local_ip:  # bind where the Spark-on-Ray session binds
         os.environ.setdefault("SPARK_LOCAL_IP", cfg.local_ip)
     rayline_conf = spark_conf(cfg, "warehouse")
-    keep = [
-        "spark.sql.shuffle.partitions",
-        "spark.sql.adaptive.enabled",
-        "spark.sql.adaptive.coalescePartitions.enabled",
-        "spark.sql.session.timeZone",
-        "spark.sql.sources.partitionOverwriteMode",
-        "spark.ui.showConsoleProgress",
-        "spark.sql.execution.arrow.pyspark.enabled",
-    ]
+    # spark.sql.* (shuffle partitions, AQE, time zone, ...) and the console setting; not the
+    # catalog/warehouse, Ray, executor or retry settings (local mode has no executors).
+    skip = {"spark.sql.warehouse.dir", "spark.sql.catalogImplementation"}
+    applied = {
+        k: v
+        for k, v in rayline_conf.items()
+        if (k.startswith("spark.sql.") and k not in skip) or k == "spark.ui.showConsoleProgress"
+    }
     b = SparkSession.builder.master(f"local[{cores}]").appName("etl-bench-spark-local")
-    for k in keep:
-        b = b.config(k, rayline_conf[k])
+    for k, v in applied.items():
+        b = b.config(k, v)
     # local mode runs the tasks in the driver JVM: give it the executor's heap.
     b = b.config("spark.driver.memory", cfg.executor_memory)
     b = b.config("spark.sql.warehouse.dir", str(out / "spark-warehouse"))
     spark = b.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    logging.getLogger("etl").info(
+        "spark-local settings from rayline.session.spark_conf: %s", applied
+    )
     return spark
 
 
@@ -414,7 +417,8 @@ def engine_spark_local(args: argparse.Namespace) -> None:
             )
     finally:
         spark.stop()
-    emit(r)
+        if r["times"]:
+            emit(r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,6 +649,8 @@ def run_child(
             raise
         reader.join(timeout=10)
     if proc.returncode != 0:
+        for r in results:  # what it reported before failing: shown, but marked
+            r["incomplete"] = True
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
         print(f"!! {engine} exited with {proc.returncode}; last lines of {log_path}:", flush=True)
         for t in tail:
@@ -673,8 +679,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
         if e not in med:
             print(f"{e:<16}{'(failed)':>11}")
             continue
+        name = e + ("*" if r.get("incomplete") else "")
         print(
-            f"{e:<16}{r['startup_s']:>11.1f}{med[e]:>10.1f}{r['rows_in'] / med[e]:>12,.0f}"
+            f"{name:<16}{r['startup_s']:>11.1f}{med[e]:>10.1f}{r['rows_in'] / med[e]:>12,.0f}"
             f"{ratio(e, ref_b):>16}{ratio(e, ref_c):>11}   "
             + ", ".join(f"{t:.1f}" for t in r["times"])
         )
@@ -795,8 +802,11 @@ def main() -> int:
     missing = [e for e in engines if e not in {r["engine"] for r in results if r.get("times")}]
     if missing:
         print(f"\n!! no results from: {', '.join(missing)} (see {log_dir})")
+    incomplete = [r["engine"] for r in results if r.get("incomplete")]
+    if incomplete:
+        print(f"\n!! * failed part-way (fewer runs than asked): {', '.join(incomplete)}")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    return 0 if ok and not missing else 1
+    return 0 if ok and not missing and not incomplete else 1
 
 
 if __name__ == "__main__":

@@ -204,6 +204,9 @@ def spark_on_ray(
     t0 = time.perf_counter()
     started_ray = False
     spark = None
+    # The executors' Python workers run this interpreter (its venv has pyspark), not whatever
+    # `python3` is first on the PATH Ray was started with (PySpark reads PYSPARK_PYTHON).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     try:
         started_ray = _connect_ray(cfg)
         t1 = time.perf_counter()
