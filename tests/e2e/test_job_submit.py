@@ -39,6 +39,15 @@ def cluster():
     log = ROOT / "benchmarks" / "out" / "e2e-cluster.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:  # a file, not a pipe: Ray's daemons inherit the streams
+        # A cluster left on these ports by an interrupted earlier run would be joined, not
+        # replaced: stop it first.
+        subprocess.run(
+            [str(ROOT / "scripts" / "cluster.sh"), "down"],
+            env=env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        )
         up = subprocess.run(
             [str(ROOT / "scripts" / "cluster.sh"), "up"],
             env=env(),
