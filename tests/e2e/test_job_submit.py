@@ -80,7 +80,23 @@ def ray_job(*args, timeout=120):
 
 
 def submit(address, spec, runtime_env):
-    r = ray_job(
+    # Right after `ray start` the head may answer before its job agent is ready ("No available
+    # agent to submit job, please try again later"): retry that, and only that, for a while.
+    for _ in range(30):
+        r = _submit_once(address, spec, runtime_env)
+        if r.returncode == 0 or "No available agent" not in r.stderr:
+            break
+        time.sleep(3)
+    assert r.returncode == 0, r.stderr
+    return next(
+        line.split("'")[1]
+        for line in (r.stdout + r.stderr).splitlines()
+        if "submitted successfully" in line
+    )
+
+
+def _submit_once(address, spec, runtime_env):
+    return ray_job(
         "submit",
         "--address",
         address,
@@ -95,13 +111,6 @@ def submit(address, spec, runtime_env):
         "--spec",
         spec,
     )
-    assert r.returncode == 0, r.stderr
-    job_id = next(
-        line.split("'")[1]
-        for line in (r.stdout + r.stderr).splitlines()
-        if "submitted successfully" in line
-    )
-    return job_id
 
 
 def wait(address, job_id, limit=900):
