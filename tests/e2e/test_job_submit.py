@@ -119,9 +119,11 @@ def wait(address, job_id, limit=900):
     while time.time() < deadline:
         r = ray_job("status", "--address", address, job_id)
         status = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
-        for final in ("SUCCEEDED", "FAILED", "STOPPED"):
-            if re.search(rf"\b{final}\b", status):
-                return final
+        # `ray job status` prints "Job '...' succeeded" / "... failed" / "... was stopped" when
+        # done, "Status for job '...': RUNNING" before.
+        m = re.search(r"\b(succeeded|failed|stopped)\b", status, re.IGNORECASE)
+        if m:
+            return m.group(1).upper()
         time.sleep(3)
     raise AssertionError(f"job {job_id} did not finish in {limit}s: {status}")
 
