@@ -34,6 +34,28 @@ def people_sources(write_csv, **over):
     }
 
 
+def adults_stages(*, schema: bool = False, **rule_over):
+    """Select id and age from people, then one range rule `adults` (age >= 18, severity fail)."""
+    rule = {
+        "name": "adults",
+        "type": "range",
+        "column": "age",
+        "min": 18,
+        "severity": "fail",
+        **rule_over,
+    }
+    stages = [{"name": "schema", "type": "schema"}] if schema else []
+    return stages + [
+        {
+            "name": "p",
+            "type": "transform",
+            "input": "people",
+            "steps": [{"op": "select", "columns": ["id", "age"]}],
+        },
+        {"name": "checks", "type": "quality", "rules": [rule]},
+    ]
+
+
 def read_table(spark, result, which):
     return spark.read.parquet(result.record["outputs"][which]["path"])
 
@@ -321,30 +343,7 @@ def test_schema_policies(spark, write_csv, make_spec, tmp_path):
 
 
 def test_fail_rule_stops_the_run_and_publishes_nothing(spark, write_csv, make_spec):
-    spec = make_spec(
-        people_sources(write_csv),
-        [
-            {
-                "name": "p",
-                "type": "transform",
-                "input": "people",
-                "steps": [{"op": "select", "columns": ["id", "age"]}],
-            },
-            {
-                "name": "checks",
-                "type": "quality",
-                "rules": [
-                    {
-                        "name": "adults",
-                        "type": "range",
-                        "column": "age",
-                        "min": 18,
-                        "severity": "fail",
-                    }
-                ],
-            },
-        ],
-    )
+    spec = make_spec(people_sources(write_csv), adults_stages())
     with pytest.raises(RunFailed) as e:
         run_pipeline(spec, spark=spark)
     assert "adults (range, severity fail): 1 failing of 6" in str(e.value)
@@ -357,31 +356,7 @@ def test_fail_rule_stops_the_run_and_publishes_nothing(spark, write_csv, make_sp
 
 
 def test_tolerated_fraction(spark, write_csv, make_spec):
-    spec = make_spec(
-        people_sources(write_csv),
-        [
-            {
-                "name": "p",
-                "type": "transform",
-                "input": "people",
-                "steps": [{"op": "select", "columns": ["id", "age"]}],
-            },
-            {
-                "name": "checks",
-                "type": "quality",
-                "rules": [
-                    {
-                        "name": "adults",
-                        "type": "range",
-                        "column": "age",
-                        "min": 18,
-                        "severity": "fail",
-                        "max_failed_fraction": 0.2,
-                    }
-                ],
-            },
-        ],
-    )
+    spec = make_spec(people_sources(write_csv), adults_stages(max_failed_fraction=0.2))
     result = run_pipeline(spec, spark=spark)
     report = json.loads(Path(result.run_dir, "reports", "checks.json").read_text())
     assert report["rules"][0]["verdict"] == "tolerated"
@@ -390,22 +365,7 @@ def test_tolerated_fraction(spark, write_csv, make_spec):
 
 def test_resume_reuses_unchanged_stages(spark, write_csv, make_spec):
     sources = people_sources(write_csv)
-    stages = [
-        {"name": "schema", "type": "schema"},
-        {
-            "name": "p",
-            "type": "transform",
-            "input": "people",
-            "steps": [{"op": "select", "columns": ["id", "age"]}],
-        },
-        {
-            "name": "checks",
-            "type": "quality",
-            "rules": [
-                {"name": "adults", "type": "range", "column": "age", "min": 18, "severity": "fail"}
-            ],
-        },
-    ]
+    stages = adults_stages(schema=True)
     spec = make_spec(sources, stages)
     with pytest.raises(RunFailed) as e:
         run_pipeline(spec, spark=spark)
@@ -444,22 +404,7 @@ def test_resume_reruns_from_changed_input(spark, write_csv, make_spec):
 
 def test_resume_after_source_change_reruns_everything(spark, write_csv, make_spec):
     sources = people_sources(write_csv)
-    stages = [
-        {"name": "schema", "type": "schema"},
-        {
-            "name": "p",
-            "type": "transform",
-            "input": "people",
-            "steps": [{"op": "select", "columns": ["id", "age"]}],
-        },
-        {
-            "name": "checks",
-            "type": "quality",
-            "rules": [
-                {"name": "adults", "type": "range", "column": "age", "min": 18, "severity": "fail"}
-            ],
-        },
-    ]
+    stages = adults_stages(schema=True)
     with pytest.raises(RunFailed) as e:
         run_pipeline(make_spec(sources, stages), spark=spark)
     # the data is fixed instead of the rule: the source's fingerprint changes
