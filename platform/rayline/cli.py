@@ -5,6 +5,7 @@ rayline run SPEC [--resume RUN]  run (or resume) a pipeline on Spark-on-Ray
 rayline runs list                recent runs
 rayline runs show RUN            one run: stages, timings, rows, outputs, error, report
 rayline lineage RUN              the lineage graph of a run
+rayline models list|show|promote|alias|delete   the model registry
 """
 
 from __future__ import annotations
@@ -127,6 +128,182 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace) -> Any:
+    from .ml.registry import ModelRegistry
+
+    return ModelRegistry(args.registry or os.environ.get("RAYLINE_REGISTRY", "registry"))
+
+
+def _headline_metric(meta: dict[str, Any]) -> str:
+    """``key=value`` of metadata["headline_metric"], else of the first metric; "-" if none."""
+    metrics = meta.get("metrics")
+    if not isinstance(metrics, dict) or not metrics:
+        return "-"
+    key = meta.get("headline_metric")
+    if key not in metrics:
+        key = next(iter(metrics))
+    value = metrics[key]
+    return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+
+
+def _models_list(reg: Any, args: argparse.Namespace) -> int:
+    names = reg.list_models()
+    if args.json:
+        doc = []
+        for name in names:
+            versions = reg.versions(name)
+            doc.append(
+                {
+                    "name": name,
+                    "aliases": reg.aliases(name),
+                    "versions": [
+                        {
+                            "version": mv.version,
+                            "created_at": mv.metadata.get("created_at"),
+                            "aliases": mv.aliases,
+                            "metrics": mv.metadata.get("metrics"),
+                            "uri": mv.uri,
+                        }
+                        for mv in versions
+                    ],
+                    "problems": reg.problems(name),
+                }
+            )
+        print(json.dumps(doc, indent=2))
+        return 0
+    if not names:
+        print(f"no models in {reg.uri}")
+        return 0
+    print(f"{'MODEL':<28} {'VER':>4}  {'CREATED':<20} {'ALIASES':<20} METRIC")
+    for name in names:
+        versions = reg.versions(name)
+        if not versions:
+            print(f"{name:<28} {'-':>4}  (no valid versions)")
+        for i, mv in enumerate(versions):
+            created = str(mv.metadata.get("created_at", "-"))[:19].replace("T", " ")
+            aliases = ",".join(mv.aliases) or "-"
+            shown = name if i == 0 else ""
+            print(
+                f"{shown:<28} {mv.version:>4}  {created:<20} {aliases:<20} {_headline_metric(mv.metadata)}"
+            )
+    return 0
+
+
+def _models_show(reg: Any, args: argparse.Namespace) -> int:
+    import yaml
+
+    mv = reg.resolve(args.ref)
+    if args.json:
+        doc = {"name": mv.name, "version": mv.version, "uri": mv.uri, "aliases": mv.aliases}
+        print(json.dumps({**doc, "metadata": mv.metadata}, indent=2))
+        return 0
+    meta = dict(mv.metadata)
+    print(f"{mv.name} version {mv.version}  aliases: {', '.join(mv.aliases) or '-'}")
+    print(f"uri:           {mv.uri}")
+    print(f"created_at:    {meta.pop('created_at', '-')}")
+    print(f"registered_by: {meta.pop('registered_by', '-')}")
+    for key in ("name", "version"):
+        meta.pop(key, None)
+    files = meta.pop("files", None)
+    first = {k: meta.pop(k) for k in ("metrics", "params", "signature") if k in meta}
+    rest = {**first, **meta}
+    if rest:
+        print(yaml.safe_dump(rest, sort_keys=False, default_flow_style=False).rstrip())
+    if files is not None:
+        print(
+            f"files ({len(files)}): " + ", ".join(files[:10]) + (", ..." if len(files) > 10 else "")
+        )
+    return 0
+
+
+def _move_alias(reg: Any, name: str, alias: str, version: int, reason: str | None) -> int:
+    previous = reg.set_alias(name, alias, version, reason=reason)
+    if previous == version:
+        print(f"{name}: {alias} already at version {version}")
+    else:
+        print(f"{name}: {alias} {previous if previous is not None else '(none)'} -> {version}")
+    return 0
+
+
+def _models_promote(reg: Any, args: argparse.Namespace) -> int:
+    return _move_alias(reg, args.name, args.alias, args.version, args.reason)
+
+
+def _models_alias(reg: Any, args: argparse.Namespace) -> int:
+    if args.delete == (args.version is not None):
+        print("rayline models alias: give either VERSION or --delete", file=sys.stderr)
+        return 2
+    if args.version is not None:
+        return _move_alias(reg, args.name, args.alias, args.version, args.reason)
+    previous = reg.aliases(args.name).get(args.alias)
+    reg.delete_alias(args.name, args.alias, reason=args.reason)
+    print(f"{args.name}: alias {args.alias} removed (was version {previous})")
+    return 0
+
+
+def _models_delete(reg: Any, args: argparse.Namespace) -> int:
+    holders = sorted(a for a, v in reg.aliases(args.name).items() if v == args.version)
+    reg.delete_version(args.name, args.version, force=args.force)
+    removed = f" (removed aliases: {', '.join(holders)})" if holders and args.force else ""
+    print(f"{args.name}: deleted version {args.version}{removed}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .ml.registry import RegistryError
+
+    if not args.verbose:  # the command prints what the registry would log at INFO
+        logging.getLogger("rayline.ml.registry").setLevel(logging.WARNING)
+    try:
+        return int(args.models_fn(_registry(args), args))
+    except (RegistryError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_models_parser(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--registry",
+        metavar="URI",
+        help="registry path or URI, e.g. s3://bucket/models (default: $RAYLINE_REGISTRY or "
+        "./registry)",
+    )
+    m = sub.add_parser("models", help="the model registry: list, show, promote, alias, delete")
+    m.set_defaults(fn=_cmd_models)
+    ms = m.add_subparsers(dest="models_action", required=True)
+
+    ls = ms.add_parser("list", parents=[common], help="models, versions, aliases, metrics")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(models_fn=_models_list)
+
+    sh = ms.add_parser("show", parents=[common], help="the metadata of one version")
+    sh.add_argument("ref", metavar="NAME[@VERSION|@ALIAS]")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(models_fn=_models_show)
+
+    pr = ms.add_parser("promote", parents=[common], help="point an alias (champion) at a version")
+    pr.add_argument("name")
+    pr.add_argument("version", type=int)
+    pr.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
+    pr.add_argument("--reason", help="why, for the alias history")
+    pr.set_defaults(models_fn=_models_promote)
+
+    al = ms.add_parser("alias", parents=[common], help="set or delete an alias")
+    al.add_argument("name")
+    al.add_argument("alias")
+    al.add_argument("version", type=int, nargs="?")
+    al.add_argument("--delete", action="store_true", help="remove the alias")
+    al.add_argument("--reason", help="why, for the alias history")
+    al.set_defaults(models_fn=_models_alias)
+
+    dl = ms.add_parser("delete", parents=[common], help="delete a version")
+    dl.add_argument("name")
+    dl.add_argument("version", type=int)
+    dl.add_argument("--force", action="store_true", help="also remove aliases pointing at it")
+    dl.set_defaults(models_fn=_models_delete)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rayline", description="Rayline: ML pipelines on one Ray cluster."
@@ -162,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lg.add_argument("--json", action="store_true", help="print the OpenLineage events")
     lg.set_defaults(fn=_cmd_lineage)
+
+    _add_models_parser(sub)
     return p
 
 

@@ -1,0 +1,1 @@
+"""Machine learning on Rayline: features, training, evaluation and the model registry."""
