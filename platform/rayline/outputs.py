@@ -10,6 +10,7 @@ staging directory behind, never a partial table.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,9 @@ from typing import Any
 from .config import OutputSpec
 
 __all__ = ["write_table", "table_path"]
+
+
+SCHEMA_FILE = "_rayline_schema.json"
 
 
 def table_path(warehouse: str | os.PathLike[str], table: str) -> Path:
@@ -52,10 +56,20 @@ def write_table(
     if out.partition_by:
         w = w.partitionBy(*out.partition_by)
     w.save(str(staging))
+    # The column types, for readers that see partition values only as directory names.
+    (staging / SCHEMA_FILE).write_text(
+        json.dumps(
+            {
+                "columns": [[f.name, f.dataType.simpleString()] for f in df.schema.fields],
+                "partition_by": out.partition_by,
+            }
+        )
+    )
 
     final.parent.mkdir(parents=True, exist_ok=True)
     if out.mode == "append" and final.exists():
         _move_files_into(staging, final, run_id)
+        os.replace(staging / SCHEMA_FILE, final / SCHEMA_FILE)
         shutil.rmtree(staging)
     else:
         old = wh / "_staging" / f".old-{out.table}-{run_id}"
