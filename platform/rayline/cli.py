@@ -1,7 +1,8 @@
 """The ``rayline`` command.
 
 rayline validate SPEC            check a spec without starting Spark
-rayline run SPEC [--resume RUN]  run (or resume) a pipeline on Spark-on-Ray
+rayline run SPEC [--resume RUN] [--train]   run (or resume) a pipeline on Spark-on-Ray
+rayline train SPEC [--resume RUN]  train/evaluate/register from the curated table
 rayline runs list                recent runs
 rayline runs show RUN            one run: stages, timings, rows, outputs, error, report
 rayline lineage RUN              the lineage graph of a run
@@ -53,7 +54,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_pipeline
 
     spec = load_spec(args.spec)
-    result = run_pipeline(spec, spec_path=args.spec, resume=args.resume)
+    result = run_pipeline(spec, spec_path=args.spec, resume=args.resume, train=args.train)
     out = result.record["outputs"]
     print(f"run {result.run_id} succeeded")
     print(
@@ -62,6 +63,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(
         f"  quarantine: {out['quarantine']['table']} ({out['quarantine']['rows']:,} rows) at {out['quarantine']['path']}"
     )
+    _print_models(result.record)
+    print(f"  report:     {result.run_dir / 'report.html'}")
+    return 0
+
+
+def _print_models(record: dict[str, Any]) -> None:
+    for m in record.get("models", []):
+        metric = next(
+            (k for k in m if k not in {"name", "version", "framework", "promoted", "alias"}), None
+        )
+        value = f", {metric} {m[metric]:.4g}" if metric and m[metric] is not None else ""
+        alias = f" -> {m['alias']}" if m["promoted"] else " (not promoted)"
+        print(f"  model:      {m['name']}@{m['version']} [{m['framework']}{value}]{alias}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_spec
+    from .ml.stage import train_from_table
+
+    spec = load_spec(args.spec)
+    result = train_from_table(spec, spec_path=args.spec, resume=args.resume)
+    print(f"run {result.run_id} succeeded")
+    _print_models(result.record)
     print(f"  report:     {result.run_dir / 'report.html'}")
     return 0
 
@@ -320,7 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--resume", metavar="RUN_ID", help="continue a failed run from its first changed stage"
     )
+    r.add_argument(
+        "--train",
+        action="store_true",
+        help="continue into the spec's ml section: train, evaluate, register, gate",
+    )
     r.set_defaults(fn=_cmd_run)
+
+    t = sub.add_parser("train", help="train on the curated table in the warehouse (ml section)")
+    t.add_argument("spec")
+    t.add_argument("--resume", metavar="RUN_ID", help="continue a failed training run")
+    t.set_defaults(fn=_cmd_train)
 
     rs = sub.add_parser("runs", help="list runs or show one")
     rs.add_argument("action", choices=["list", "show"])

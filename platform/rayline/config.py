@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .ml.spec import MLSpec
+
 __all__ = [
     "SpecError",
     "PipelineSpec",
@@ -613,6 +615,11 @@ class PipelineSpec(_Model):
         default_factory=SessionConfig,
         description="Where and how big Spark-on-Ray runs.",
     )
+    ml: MLSpec | None = Field(
+        None,
+        description="Train, evaluate and register a model on the curated table "
+        "(`rayline run --train`, `rayline train`).",
+    )
 
     @model_validator(mode="after")
     def _cross_refs(self) -> PipelineSpec:
@@ -768,6 +775,12 @@ def load_spec(path: str | os.PathLike[str]) -> PipelineSpec:
         SpecError: the file is missing, is not YAML (with line and column), or is invalid.
     """
     p = Path(path)
+    return parse_spec(_read_yaml(p, set()), str(p))
+
+
+def _read_yaml(p: Path, seen: set[Path]) -> Any:
+    """Read a spec file; ``extends: other.yaml`` (relative to this file) starts from another
+    spec, whose top-level keys this file's keys replace."""
     if not p.is_file():
         raise SpecError(f"{p}: spec file not found")
     try:
@@ -776,4 +789,15 @@ def load_spec(path: str | os.PathLike[str]) -> PipelineSpec:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
         raise SpecError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    return parse_spec(raw, str(p))
+    if isinstance(raw, dict) and "extends" in raw:
+        base_ref = raw.pop("extends")
+        if not isinstance(base_ref, str):
+            raise SpecError(f"{p}: extends: expected a file name, got {base_ref!r}")
+        base_path = (p.parent / base_ref).resolve()
+        if base_path in seen:
+            raise SpecError(f"{p}: extends: {base_ref} extends itself (cycle)")
+        base = _read_yaml(base_path, seen | {p.resolve()})
+        if not isinstance(base, dict):
+            raise SpecError(f"{base_path}: a pipeline spec must be a mapping")
+        raw = {**base, **raw}
+    return raw

@@ -29,6 +29,7 @@ from .config import (
     QualityStage,
     ReferentialRule,
     SchemaStage,
+    SpecError,
     TransformStage,
 )
 from .context import QUARANTINE_COLUMNS, REASONS, RunContext, StageError
@@ -117,7 +118,12 @@ class _Run:
     """The state of one run attempt; keeps the record on disk current after every change."""
 
     def __init__(
-        self, spec: PipelineSpec, store: RunStore, spec_path: str | None, resume: str | None
+        self,
+        spec: PipelineSpec,
+        store: RunStore,
+        spec_path: str | None,
+        resume: str | None,
+        stages: list[tuple[str, str]] | None = None,
     ):
         self.spec = spec
         self.store = store
@@ -148,7 +154,12 @@ class _Run:
             "attempt_started_at": now_iso(),
             "ended_at": None,
             "attempts": attempts + [{"started_at": now_iso(), "status": "running"}],
-            "stages": [{"name": s.name, "type": s.type, "status": "pending"} for s in spec.stages],
+            "stages": [
+                {"name": name, "type": typ, "status": "pending"}
+                for name, typ in (
+                    stages if stages is not None else [(s.name, s.type) for s in spec.stages]
+                )
+            ],
             "outputs": {},
             "error": None,
             "run_dir": str(self.run_dir),
@@ -193,7 +204,7 @@ def _restore(
     return df
 
 
-def _execute(spark: Any, spec: PipelineSpec, run: _Run) -> None:
+def _execute(spark: Any, spec: PipelineSpec, run: _Run, after: Any = None) -> None:
     ctx = RunContext(
         spark=spark,
         spec=spec,
@@ -308,6 +319,8 @@ def _execute(spark: Any, spec: PipelineSpec, run: _Run) -> None:
             )
         ctx.stage = "publish"
         _publish(spark, spec, ctx, run, df, prev_ds)
+        if after is not None:
+            after(ctx, df)
     finally:
         ctx.release()
 
@@ -445,6 +458,7 @@ def run_pipeline(
     spec_path: str | None = None,
     resume: str | None = None,
     spark: Any = None,
+    train: bool = False,
 ) -> RunResult:
     """Run (or resume) a pipeline and return its result.
 
@@ -454,6 +468,8 @@ def run_pipeline(
         resume: Id of a failed run to continue: stages whose inputs and config are unchanged
             are reused from its persisted outputs; the rest run again.
         spark: An existing SparkSession (tests share one); default: a new Spark-on-Ray session.
+        train: Continue into the spec's ``ml`` section after publishing: hand the curated data
+            to Ray Data in memory, train, evaluate, register and gate (stage ``train``).
 
     Returns:
         The :class:`RunResult` of a run that succeeded.
@@ -461,12 +477,22 @@ def run_pipeline(
     Raises:
         RunFailed: the run failed; its record (status, failing stage, error) is on disk.
     """
+    if train and spec.ml is None:
+        raise SpecError(f"{spec_path or spec.name}: --train needs an 'ml' section in the spec")
     store = RunStore(spec.run_store)
-    run = _Run(spec, store, spec_path, resume)
+    stages = [(s.name, s.type) for s in spec.stages] + ([("train", "ml")] if train else [])
+    run = _Run(spec, store, spec_path, resume, stages)
+    after = None
+    if train:
+        from .ml.stage import train_after_publish
+
+        def after(ctx: RunContext, df: Any) -> None:
+            train_after_publish(run, ctx, df)
+
     log.info("run %s of pipeline %r (record: %s)", run.run_id, spec.name, run.run_dir / "run.json")
     try:
         with _maybe_session(spark, spec) as s:
-            _execute(s, spec, run)
+            _execute(s, spec, run, after)
     except (KeyboardInterrupt, SystemExit) as e:
         run.finish("interrupted", _error(_failed_stage(run), e))
         _write_html(run)
@@ -490,7 +516,9 @@ def _failed_stage(run: _Run) -> str | None:
     for s in run.record["stages"]:
         if s["status"] in ("failed", "running"):
             return s["name"]
-    if all(s["status"] in ("succeeded", "reused") for s in run.record["stages"]):
+    if all(
+        s["status"] in ("succeeded", "reused") for s in run.record["stages"] if s["type"] != "ml"
+    ):
         return "publish"  # every stage done: the failure was in writing the outputs
     return None
 

@@ -22,7 +22,14 @@ from typing import Any
 
 from .config import SessionConfig
 
-__all__ = ["JAVA17_OPENS", "jvm_options", "spark_conf", "spark_on_ray", "ensure_java"]
+__all__ = [
+    "JAVA17_OPENS",
+    "jvm_options",
+    "spark_conf",
+    "spark_on_ray",
+    "ray_session",
+    "ensure_java",
+]
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +160,10 @@ def _connect_ray(cfg: SessionConfig) -> bool:
         os.environ["JDK_JAVA_OPTIONS"] = java_env
         return False
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {"JDK_JAVA_OPTIONS": java_env}}
+    # tf-keras (Keras 2) for TensorFlow in every worker: Keras 3 fails under Ray Train's
+    # MultiWorkerMirroredStrategy.
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    runtime_env = {"env_vars": {"JDK_JAVA_OPTIONS": java_env, "TF_USE_LEGACY_KERAS": "1"}}
     if address:
         log.info("connecting to Ray at %s", address)
         os.environ["JDK_JAVA_OPTIONS"] = java_env
@@ -237,3 +247,17 @@ def spark_on_ray(
             with contextlib.suppress(Exception):
                 ray.shutdown()
         sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def ray_session(cfg: SessionConfig) -> Iterator[None]:
+    """Connect to (or start) Ray without Spark; shut it down on exit if this call started it."""
+    import ray
+
+    started = _connect_ray(cfg)
+    try:
+        yield
+    finally:
+        if started:
+            with contextlib.suppress(Exception):
+                ray.shutdown()

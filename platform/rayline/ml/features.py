@@ -8,7 +8,8 @@ rows. That single code path is what keeps training and serving from drifting apa
 Model inputs:
 - ``dense``: standardized numeric columns (nulls become the train mean, i.e. 0), then one-hot
   blocks of ``onehot`` categoricals and of bucketized columns. Slot 0 of each one-hot block is
-  the reserved 'unknown' bucket (values not in the train vocabulary, and nulls).
+  the reserved 'unknown' bucket (values not in the train vocabulary, and nulls; for buckets,
+  nulls).
 - ``cat_<name>``: int32 vocabulary indices of ``embedding`` categoricals (0 = unknown).
 
 Example:
@@ -187,7 +188,7 @@ class Preprocessor:
             if c["encoding"] == "onehot":
                 w += len(c["vocabulary"]) + 1
         for b in self.buckets.values():
-            w += len(b) + 1
+            w += len(b) + 2  # n boundaries: n + 1 buckets, plus the null slot
         return w
 
     @property
@@ -259,7 +260,7 @@ class Preprocessor:
             b = np.searchsorted(np.asarray(bounds), x, side="right") + 1
             b[~np.isfinite(x)] = 0  # null -> unknown
             dense[np.arange(n), j + b] = 1.0
-            j += len(bounds) + 1
+            j += len(bounds) + 2
         out["dense"] = dense
         return out
 

@@ -110,7 +110,7 @@ def _assign(batch: pd.DataFrame, spec: MLSpec, keys: list[str]) -> pd.DataFrame:
     s = spec.split
     if s.method == "random":
         h = pd.util.hash_pandas_object(
-            batch[keys], index=False, hash_key=f"{s.seed:016d}"[-16:]
+            _canonical(batch[keys]), index=False, hash_key=f"{s.seed:016d}"[-16:]
         ).to_numpy()
         u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
         split = np.where(
@@ -122,6 +122,19 @@ def _assign(batch: pd.DataFrame, spec: MLSpec, keys: list[str]) -> pd.DataFrame:
         split = np.where(col >= tstart, 2, np.where(col >= vstart, 1, 0))
     batch[_SPLIT_COL] = split.astype(np.int8)
     return batch
+
+
+def _canonical(keys: pd.DataFrame) -> pd.DataFrame:
+    """Key columns in a dtype-independent form: one engine may hand an int column with nulls
+    as float64 and another as int32 (or Int64), which would hash differently."""
+    out = {}
+    for c in keys.columns:
+        col = keys[c]
+        if pd.api.types.is_bool_dtype(col) or pd.api.types.is_numeric_dtype(col):
+            out[c] = pd.to_numeric(col, errors="coerce").astype("float64")
+        else:
+            out[c] = col.astype("string").fillna("<null>").astype(object)
+    return pd.DataFrame(out)
 
 
 def _cut(col: pd.Series, value: Any) -> Any:
