@@ -127,12 +127,21 @@ def test_labels_regression_and_classes():
         b.labels(pd.DataFrame({"y": [2]}))
 
 
-def test_save_load_roundtrip(tmp_path):
-    p = pre()
+def test_save_load_roundtrip_keeps_the_input_layout(tmp_path):
+    stats = {"mean": 0.0, "std": 1.0, "min": 0.0, "max": 1.0, "nulls": 0}
+    p = pre(numeric={"z": stats | {"mean": 5.0}, "a": stats, "m": stats | {"std": 2.0}})
     p.save(tmp_path)
+    # Even if the JSON objects come back in another key order (e.g. sorted by a tool)...
+    d = json.loads((tmp_path / "preprocessor.json").read_text())
+    d["numeric"] = dict(sorted(d["numeric"].items()))
+    (tmp_path / "preprocessor.json").write_text(json.dumps(d, sort_keys=True))
     q = Preprocessor.load(tmp_path)
-    assert q.to_dict() == p.to_dict()
-    assert q.signature()["inputs"][0]["name"] == "x"
+    # ...the model inputs keep the order the model was trained with.
+    assert list(q.numeric) == ["z", "a", "m"]
+    df = pd.DataFrame({"z": [6.0], "a": [2.0], "m": [4.0], "c": ["a"], "e": ["p"], "h": [1.0]})
+    for k, v in p.transform(df).items():
+        np.testing.assert_array_equal(q.transform(df)[k], v)
+    assert q.signature()["inputs"][0]["name"] == "z"
 
 
 def test_check_columns_names_the_key():

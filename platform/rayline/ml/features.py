@@ -151,16 +151,28 @@ class Preprocessor:
             "label_stats": self.label_stats,
             "classes": self.classes,
             "train_rows": self.train_rows,
+            # The model's input layout follows this order; JSON objects may not keep it.
+            "order": {
+                "numeric": list(self.numeric),
+                "categorical": list(self.categorical),
+                "buckets": list(self.buckets),
+            },
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessor:
+        order = d.get("order") or {}
+
+        def ordered(group: str) -> dict[str, Any]:
+            names = order.get(group, list(d[group]))
+            return {n: d[group][n] for n in names}
+
         return cls(
             task=d["task"],
             label=d["label"],
-            numeric=d["numeric"],
-            categorical=d["categorical"],
-            buckets=d["buckets"],
+            numeric=ordered("numeric"),
+            categorical=ordered("categorical"),
+            buckets=ordered("buckets"),
             label_stats=d.get("label_stats", {}),
             classes=d.get("classes", []),
             train_rows=d.get("train_rows", 0),
@@ -168,7 +180,7 @@ class Preprocessor:
 
     def save(self, directory: str | Path) -> Path:
         p = Path(directory) / _FILE
-        p.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        p.write_text(json.dumps(self.to_dict(), indent=2))
         return p
 
     @classmethod
