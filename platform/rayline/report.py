@@ -154,6 +154,68 @@ def _analytics_section(rep: dict[str, Any]) -> str:
     return out
 
 
+def _ml_section(rep: dict[str, Any]) -> str:
+    split = rep.get("split", {})
+    out = [
+        f"<p>model <b>{_e(rep.get('model_name'))}</b>, task {_e(rep.get('task'))}, label "
+        f"{_e(rep.get('label'))}; split: train {_n(split.get('train'))}, validation "
+        f"{_n(split.get('validation'))}, test {_n(split.get('test'))} rows "
+        f"({_n(split.get('without_label'))} without a label left out)</p>"
+    ]
+    metric = rep.get("gate_metric")
+    rows = []
+    for c in rep.get("candidates", []):
+        g = c.get("gate", {})
+        verdict = f"promoted to {g.get('alias')}" if g.get("promoted") else "not promoted"
+        rows.append(
+            [
+                _e(c["framework"]),
+                _e(c["version"]),
+                _n(c["metrics"].get(metric)),
+                _n(c["baseline"].get(metric)),
+                _status("passed" if g.get("promoted") else "warned") + " " + _e(verdict),
+                _e("; ".join(g.get("reasons", []))),
+            ]
+        )
+    out.append(
+        _table(["framework", "version", metric or "metric", "baseline", "gate", "why"], rows)
+    )
+    tuning = rep.get("tuning")
+    if tuning:
+        out.append("<h3>Tuning trials</h3>")
+        out.append(
+            _table(
+                ["trial", "params", "status", "val_loss"],
+                [
+                    [
+                        _e(t.get("id")),
+                        _e(json.dumps(t.get("params"), default=str)),
+                        _e(t.get("status")),
+                        _n(t.get("val_loss", t.get("last_val_loss"))),
+                    ]
+                    for t in tuning.get("trials", [])
+                ],
+            )
+        )
+    for c in rep.get("candidates", []):
+        m = {k: v for k, v in c["metrics"].items() if isinstance(v, int | float)}
+        out.append(f"<h3>{_e(c['framework'])} (version {_e(c['version'])})</h3>")
+        out.append(
+            _table(
+                ["metric", "model", "baseline"],
+                [[_e(k), _n(v), _n(c["baseline"].get(k))] for k, v in m.items()],
+            )
+        )
+        for col, sl in (c.get("slices") or {}).items():
+            keys = [k for k in sl[0] if k != "value"] if sl else []
+            out.append(
+                f"<p>by {_e(col)}</p>"
+                + _table([col] + keys, [[_e(r["value"])] + [_n(r[k]) for k in keys] for r in sl])
+            )
+        out.extend(_img(p) for p in c.get("charts", []))
+    return "".join(out)
+
+
 def write_html_report(store: RunStore, run_id: str) -> Path:
     """Render ``<run_dir>/report.html`` from the run record and the stage reports."""
     rec = store.read_record(run_id)
@@ -205,6 +267,7 @@ def write_html_report(store: RunStore, run_id: str) -> Path:
             "schema": _schema_section,
             "quality": _quality_section,
             "analytics": _analytics_section,
+            "ml": _ml_section,
         }.get(s["type"])
         if section:
             parts.append(f"<h2>{_e(s['type'].title())}: {_e(s['name'])}</h2>{section(rep)}")

@@ -87,9 +87,7 @@ def test_registered_versions_metadata_and_champion(trained):
     assert meta["run_id"] == result.run_id
     assert meta["data"]["table"] == "ml_flights"
     assert meta["data"]["rows"]["test"] == best["metrics"]["rows"]
-    assert {i["name"] for i in meta["signature"]["inputs"]} == set(
-        spec.ml.features.columns()
-    )
+    assert {i["name"] for i in meta["signature"]["inputs"]} == set(spec.ml.features.columns())
     carrier = next(i for i in meta["signature"]["inputs"] if i["name"] == "carrier")
     assert "UA" in carrier["categories"]
     assert meta["framework_versions"]["ray"] == "2.60.0"
@@ -105,7 +103,9 @@ def test_exported_trees_score_like_spark(spark, trained):
     from rayline.ml.spark_model import feature_frame
 
     spec, result, _, reg = trained
-    gbt = next(v for v in reg.versions(spec.ml.model_name) if v.metadata["framework"] == "spark_gbt")
+    gbt = next(
+        v for v in reg.versions(spec.ml.model_name) if v.metadata["framework"] == "spark_gbt"
+    )
     path = reg.local_path(gbt)
     model = TreeEnsembleModel(path)
     curated = spark.read.parquet(result.record["outputs"]["curated"]["path"])
@@ -135,16 +135,22 @@ def test_no_skew_between_batch_scoring_and_single_rows(trained, framework):
     spec, result, _, reg = trained
     v = next(v for v in reg.versions(spec.ml.model_name) if v.metadata["framework"] == framework)
     path = str(reg.local_path(v))
-    rows = table_to_ray(result.record["outputs"]["curated"]["path"]).filter(
-        expr="arr_delay IS NOT NULL"
-    ).take(25)
+    rows = (
+        table_to_ray(result.record["outputs"]["curated"]["path"])
+        .filter(expr="arr_delay IS NOT NULL")
+        .take(25)
+    )
     frame = pd.DataFrame(rows)
     frame.loc[0, "dest"] = "NOT_AN_AIRPORT"  # an unknown category takes the reserved bucket
     frame.loc[1, "temp"] = None  # a null numeric takes the train mean
     batch = (
         ray.data.from_pandas(frame)
-        .map_batches(Scorer, fn_constructor_kwargs={"model_dir": path, "keep": []},
-                     batch_format="pandas", concurrency=1)
+        .map_batches(
+            Scorer,
+            fn_constructor_kwargs={"model_dir": path, "keep": []},
+            batch_format="pandas",
+            concurrency=1,
+        )
         .take_all()
     )
     model = load_model(path)
@@ -164,8 +170,14 @@ def test_handoff_and_table_give_the_same_dataset(spark, trained):
     ta = dict(zip(a.schema().names, map(str, a.schema().types), strict=True))
     tb = dict(zip(b.schema().names, map(str, b.schema().types), strict=True))
     assert ta == tb
-    aggs = [Count(), Sum("arr_delay"), Sum("dep_delay"), Sum("distance"), Sum("month"),
-            Sum("flight")]
+    aggs = [
+        Count(),
+        Sum("arr_delay"),
+        Sum("dep_delay"),
+        Sum("distance"),
+        Sum("month"),
+        Sum("flight"),
+    ]
     assert a.aggregate(*aggs) == pytest.approx(b.aggregate(*aggs))
 
 
@@ -193,9 +205,10 @@ def test_second_training_from_the_table_must_beat_the_champion(trained, monkeypa
     assert reg.aliases(spec.ml.model_name) == {"champion": champion_before}
     meta = reg.get(spec.ml.model_name, 3).metadata
     assert meta["quality"]["run_id"] == first.run_id  # the run that wrote the table
-    assert meta["data"]["fingerprint"] == reg.get(spec.ml.model_name, 1).metadata["data"][
-        "fingerprint"
-    ]
+    assert (
+        meta["data"]["fingerprint"]
+        == reg.get(spec.ml.model_name, 1).metadata["data"]["fingerprint"]
+    )
 
 
 def test_bad_training_input_names_the_column_and_registers_nothing(spark, tmp_path):
@@ -210,8 +223,13 @@ def test_bad_training_input_names_the_column_and_registers_nothing(spark, tmp_pa
     info = MLRunInfo("r1", tmp_path, "p", "test")
 
     def spec(**over):
-        raw = {"model_name": "bad", "task": "regression", "label": "y",
-               "features": {"numeric": ["b"]}, "registry": str(tmp_path / "reg")}
+        raw = {
+            "model_name": "bad",
+            "task": "regression",
+            "label": "y",
+            "features": {"numeric": ["b"]},
+            "registry": str(tmp_path / "reg"),
+        }
         raw.update(over)
         return MLSpec.model_validate(raw)
 
@@ -224,7 +242,9 @@ def test_bad_training_input_names_the_column_and_registers_nothing(spark, tmp_pa
     inf = ray.data.from_pandas(pd.DataFrame({"b": [1.0, np.inf] * 50, "y": np.arange(100.0)}))
     with pytest.raises(FeatureError, match=r"'b' holds non-finite values"):
         run_ml(inf, spec(), info)
-    unlabelled = ray.data.from_pandas(pd.DataFrame({"b": np.arange(100.0), "y": np.full(100, np.nan)}))
+    unlabelled = ray.data.from_pandas(
+        pd.DataFrame({"b": np.arange(100.0), "y": np.full(100, np.nan)})
+    )
     with pytest.raises(FeatureError, match=r"the train split is empty"):
         run_ml(unlabelled, spec(), info)
     assert ModelRegistry(str(tmp_path / "reg")).list_models() == []

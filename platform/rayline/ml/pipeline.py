@@ -284,7 +284,7 @@ def run_ml(
             "metrics": _headline(res["metrics"]),
             "baseline": res["baseline"],
             "slices": res["slices"],
-            "charts": charts,
+            "charts": [str(charts_dir / c) for c in charts],
             "history": outcome.history if outcome else [],
         }
         if i == best_i:

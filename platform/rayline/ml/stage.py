@@ -43,9 +43,9 @@ def quality_of_run(store: RunStore, record: dict[str, Any], spec: PipelineSpec) 
             verdict = "failed"
         for r in rep.get("rules", []):
             if r.get("verdict") == "failed":
-                failed.append(r["name"])
+                failed.append(r["rule"])
             elif r.get("verdict") == "warned":
-                warned.append(r["name"])
+                warned.append(r["rule"])
     return {
         "verdict": verdict,
         "run_id": record["run_id"],
