@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from . import config as c
+from .ml import spec as ml_spec
 
 __all__ = ["render"]
 
@@ -51,6 +52,23 @@ SECTIONS: list[tuple[str, list[type[BaseModel]]]] = [
             c.RowCountRule,
             c.FreshnessRule,
             c.ExpressionRule,
+        ],
+    ),
+    (
+        "Machine learning (`ml:`)",
+        [
+            ml_spec.MLSpec,
+            ml_spec.FeaturesSpec,
+            ml_spec.CategoricalFeature,
+            ml_spec.BucketFeature,
+            ml_spec.SplitSpec,
+            ml_spec.ModelSpec,
+            ml_spec.TrainingSpec,
+            ml_spec.TuningSpec,
+            ml_spec.SearchDim,
+            ml_spec.SparkModelSpec,
+            ml_spec.EvaluationSpec,
+            ml_spec.GateSpec,
         ],
     ),
 ]
@@ -123,7 +141,8 @@ def render() -> str:
     parts = [
         "# Pipeline spec reference",
         "",
-        "Generated from the pydantic models in `platform/rayline/config.py` by "
+        "Generated from the pydantic models in `platform/rayline/config.py` and "
+        "`platform/rayline/ml/spec.py` by "
         "`python -m rayline.specdoc`; a test fails when this file is out of date. "
         "`${VAR}` and `${VAR:-default}` in values are expanded from the environment. "
         "Unknown keys are errors.",
