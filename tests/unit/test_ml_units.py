@@ -65,8 +65,10 @@ def test_spec_defaults_and_gate_metric():
         ({"split": {"method": "time"}}, "needs ['time_column'"),
         ({"tuning": {"search_space": {"epochs": {"choice": [1, 2]}}}}, "cannot tune ['epochs']"),
         ({"tuning": {"search_space": {"dropout": {"uniform": [0, 1], "choice": [1]}}}}, "exactly"),
-        ({"features": {"numeric": ["x"], "buckets": [{"name": "h", "boundaries": [3, 1]}]}},
-         "ascending"),
+        (
+            {"features": {"numeric": ["x"], "buckets": [{"name": "h", "boundaries": [3, 1]}]}},
+            "ascending",
+        ),
     ],
 )
 def test_spec_errors_name_the_key(over, needle):
@@ -80,8 +82,13 @@ def test_pipeline_spec_ml_errors_name_the_path(tmp_path):
         "sources": {"s": {"path": "x.csv", "format": "csv"}},
         "stages": [{"name": "q", "type": "quality", "rules": []}],
         "outputs": {"curated": {"table": "t"}},
-        "ml": {"model_name": "m", "task": "regression", "label": "y",
-               "features": {"numeric": ["a"]}, "model": {"epochs": 0}},
+        "ml": {
+            "model_name": "m",
+            "task": "regression",
+            "label": "y",
+            "features": {"numeric": ["a"]},
+            "model": {"epochs": 0},
+        },
     }
     with pytest.raises(SpecError, match=r"ml\.model\.epochs"):
         parse_spec(raw)
@@ -93,8 +100,12 @@ def test_pipeline_spec_ml_errors_name_the_path(tmp_path):
 def test_transform_layout_unknowns_and_nulls():
     p = pre()
     df = pd.DataFrame(
-        {"x": [12.0, None, 10.0], "c": ["b", "zzz", None], "e": ["q", "nope", None],
-         "h": [5.0, 12.0, None]}
+        {
+            "x": [12.0, None, 10.0],
+            "c": ["b", "zzz", None],
+            "e": ["q", "nope", None],
+            "h": [5.0, 12.0, None],
+        }
     )
     out = p.transform(df)
     dense = out["dense"]
@@ -163,16 +174,21 @@ def test_check_columns_names_the_key():
 
 def _frame(n=20_000, seed=0):
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({"x": rng.normal(size=n), "c": rng.choice(list("abc"), n),
-                         "y": rng.normal(size=n)})
+    return pd.DataFrame(
+        {"x": rng.normal(size=n), "c": rng.choice(list("abc"), n), "y": rng.normal(size=n)}
+    )
 
 
 def test_random_split_fractions_and_partition_independence():
     spec = ml()
     df = _frame()
     whole = _assign(df.copy(), spec, ["x", "c", "y"])[_SPLIT_COL]
-    parts = pd.concat([_assign(df.iloc[i:i + 777].copy(), spec, ["x", "c", "y"])
-                       for i in range(0, len(df), 777)])[_SPLIT_COL]
+    parts = pd.concat(
+        [
+            _assign(df.iloc[i : i + 777].copy(), spec, ["x", "c", "y"])
+            for i in range(0, len(df), 777)
+        ]
+    )[_SPLIT_COL]
     assert whole.tolist() == parts.tolist()
     frac = whole.value_counts(normalize=True)
     assert abs(frac[2] - 0.1) < 0.01 and abs(frac[1] - 0.1) < 0.01
@@ -184,15 +200,27 @@ def test_random_split_ignores_int_vs_float_dtype():
     spec = ml()
     df = pd.DataFrame({"x": [1, 2, 3, 4] * 50, "c": ["a"] * 200, "y": list(range(200))})
     as_float = df.astype({"x": "float64", "y": "float64"})
-    assert (_assign(df.copy(), spec, ["x", "c", "y"])[_SPLIT_COL].tolist()
-            == _assign(as_float, spec, ["x", "c", "y"])[_SPLIT_COL].tolist())
+    assert (
+        _assign(df.copy(), spec, ["x", "c", "y"])[_SPLIT_COL].tolist()
+        == _assign(as_float, spec, ["x", "c", "y"])[_SPLIT_COL].tolist()
+    )
 
 
 def test_time_split_and_unlabelled_rows():
-    spec = ml(split={"method": "time", "time_column": "t", "validation_start": "2013-11-01",
-                     "test_start": "2013-12-01"})
-    df = pd.DataFrame({"t": pd.to_datetime(["2013-01-05", "2013-11-02", "2013-12-24"]),
-                       "y": [1.0, None, float("inf")]})
+    spec = ml(
+        split={
+            "method": "time",
+            "time_column": "t",
+            "validation_start": "2013-11-01",
+            "test_start": "2013-12-01",
+        }
+    )
+    df = pd.DataFrame(
+        {
+            "t": pd.to_datetime(["2013-01-05", "2013-11-02", "2013-12-24"]),
+            "y": [1.0, None, float("inf")],
+        }
+    )
     assert _assign(df.copy(), spec, ["y"])[_SPLIT_COL].tolist() == [0, 1, 2]
     assert _drop_unlabelled(df, "y")["y"].tolist() == [1.0]
 
@@ -207,11 +235,20 @@ def test_gate_paths():
     assert not ok and "needs at least 5.0%" in why[-1]
     ok, why = decide({"rmse": 13}, {"rmse": 12}, None, "rmse", False, 0.0, True)
     assert not ok and "does not beat the baseline" in why[0]
-    ok, why = decide({"roc_auc": 0.9}, {"roc_auc": 0.5}, {"roc_auc": 0.8}, "roc_auc", True,
-                     0.1, False)
+    ok, why = decide(
+        {"roc_auc": 0.9}, {"roc_auc": 0.5}, {"roc_auc": 0.8}, "roc_auc", True, 0.1, False
+    )
     assert not ok and "quality stage failed" in why[0]
-    ok, _ = decide({"roc_auc": 0.9}, {"roc_auc": 0.5}, {"roc_auc": 0.8}, "roc_auc", True,
-                   0.1, None, require_quality_passed=False)
+    ok, _ = decide(
+        {"roc_auc": 0.9},
+        {"roc_auc": 0.5},
+        {"roc_auc": 0.8},
+        "roc_auc",
+        True,
+        0.1,
+        None,
+        require_quality_passed=False,
+    )
     assert ok
     assert improvement(8, 10, False) == pytest.approx(0.2)
     assert improvement(0.9, 0.75, True) == pytest.approx(0.2)
@@ -227,9 +264,13 @@ def test_tree_ensemble_scoring(tmp_path):
     # tree 0: x_std <= 0 ? 1 : (x_std <= 1 ? 2 : 3); tree 1: constant 10
     trees = {
         "trees": [
-            {"feature": [0, -1, 0, -1, -1], "threshold": [0.0, 0, 1.0, 0, 0],
-             "left": [1, -1, 3, -1, -1], "right": [2, -1, 4, -1, -1],
-             "value": [0, 1.0, 0, 2.0, 3.0]},
+            {
+                "feature": [0, -1, 0, -1, -1],
+                "threshold": [0.0, 0, 1.0, 0, 0],
+                "left": [1, -1, 3, -1, -1],
+                "right": [2, -1, 4, -1, -1],
+                "value": [0, 1.0, 0, 2.0, 3.0],
+            },
             {"feature": [-1], "threshold": [0.0], "left": [-1], "right": [-1], "value": [10.0]},
         ],
         "weights": [1.0, 0.1],
