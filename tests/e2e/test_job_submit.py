@@ -79,11 +79,11 @@ def ray_job(*args, timeout=120):
     )
 
 
-def submit(address, spec, runtime_env):
+def submit(address, spec, runtime_env, workload="workloads/batch_pipeline.py"):
     # Right after `ray start` the head may answer before its job agent is ready ("No available
     # agent to submit job, please try again later"): retry that, and only that, for a while.
     for _ in range(30):
-        r = _submit_once(address, spec, runtime_env)
+        r = _submit_once(address, spec, runtime_env, workload)
         if r.returncode == 0 or "No available agent" not in r.stderr:
             break
         time.sleep(3)
@@ -95,7 +95,7 @@ def submit(address, spec, runtime_env):
     )
 
 
-def _submit_once(address, spec, runtime_env):
+def _submit_once(address, spec, runtime_env, workload):
     return ray_job(
         "submit",
         "--address",
@@ -107,7 +107,7 @@ def _submit_once(address, spec, runtime_env):
         json.dumps(runtime_env),
         "--",
         "python",
-        "workloads/batch_pipeline.py",
+        workload,
         "--spec",
         spec,
     )
@@ -128,14 +128,26 @@ def wait(address, job_id, limit=900):
     raise AssertionError(f"job {job_id} did not finish in {limit}s: {status}")
 
 
-def test_flights_pipeline_as_a_ray_job(cluster, tmp_path):
-    runtime_env = {
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """Warehouse, run store and registry shared by the pipeline job and the training job."""
+    return tmp_path_factory.mktemp("e2e-shared")
+
+
+def shared_env(root):
+    return {
         "env_vars": {
             "RAYLINE_DATA_DIR": str(ROOT / "data"),
-            "RAYLINE_WAREHOUSE": str(tmp_path / "warehouse"),
-            "RAYLINE_RUN_STORE": str(tmp_path / "runs"),
+            "RAYLINE_WAREHOUSE": str(root / "warehouse"),
+            "RAYLINE_RUN_STORE": str(root / "runs"),
+            "RAYLINE_REGISTRY": str(root / "registry"),
         }
     }
+
+
+def test_flights_pipeline_as_a_ray_job(cluster, shared):
+    tmp_path = shared
+    runtime_env = shared_env(shared)
     job_id = submit(cluster, "pipelines/flights.yaml", runtime_env)
     final = wait(cluster, job_id)
     logs = ray_job("logs", "--address", cluster, job_id).stdout
@@ -151,6 +163,35 @@ def test_flights_pipeline_as_a_ray_job(cluster, tmp_path):
     assert Path(cur["path"], "_SUCCESS").exists()
     assert Path(runs[0].parent, "report.html").exists()
     assert rec["code_version"].startswith("0.1.0")
+
+
+def test_training_job_registers_and_promotes_a_classifier(cluster, shared):
+    """`ray job submit ... workloads/train.py`: train on the table the pipeline job wrote
+    (Keras on Ray Train + the Spark GBT challenger), evaluate, register, gate."""
+    if not list((shared / "runs").glob("flights-*/run.json")):
+        pytest.skip("needs the pipeline job's table (test_flights_pipeline_as_a_ray_job)")
+    job_id = submit(
+        cluster, "pipelines/flights_delayed.yaml", shared_env(shared), workload="workloads/train.py"
+    )
+    final = wait(cluster, job_id)
+    logs = ray_job("logs", "--address", cluster, job_id).stdout
+    assert final == "SUCCEEDED", logs[-4000:]
+    assert "[ml] train: done" in logs
+
+    from rayline.ml.registry import ModelRegistry
+
+    reg = ModelRegistry(str(shared / "registry"))
+    versions = reg.versions("flights_delayed")
+    assert [v.metadata["framework"] for v in versions] == ["keras", "spark_gbt"]
+    champion = reg.get("flights_delayed", "champion")
+    m, b = champion.metadata["metrics"], champion.metadata["baseline"]
+    assert m["roc_auc"] > 0.8 > b["roc_auc"]
+    assert m["accuracy"] > b["accuracy"]
+    assert champion.metadata["quality"]["verdict"] == "passed"
+    runs = sorted((shared / "runs").glob("flights-*/run.json"))
+    train_rec = json.loads(runs[-1].read_text())
+    assert [s["name"] for s in train_rec["stages"]] == ["train"]
+    assert train_rec["status"] == "succeeded"
 
 
 def test_invalid_spec_fails_the_job_with_the_key(cluster, tmp_path):

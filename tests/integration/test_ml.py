@@ -244,3 +244,39 @@ def test_bad_training_input_names_the_column_and_registers_nothing(spark, tmp_pa
     with pytest.raises(FeatureError, match=r"the train split is empty"):
         run_ml(unlabelled, spec(), info)
     assert ModelRegistry(str(tmp_path / "reg")).list_models() == []
+
+
+def test_training_resumes_from_its_last_checkpoint(spark, tmp_path):
+    """A training run started again under the same name and storage (what `--resume` does)
+    continues from its last checkpoint instead of starting over."""
+    import ray.data
+
+    from rayline.ml.features import fit_preprocessor
+    from rayline.ml.handoff import split_dataset
+    from rayline.ml.spec import MLSpec
+    from rayline.ml.train import fit_keras
+
+    rng = np.random.default_rng(1)
+    n = 6000
+    df = pd.DataFrame({"a": rng.normal(size=n), "b": rng.normal(size=n)})
+    df["y"] = 2 * df["a"] - df["b"] + rng.normal(scale=0.1, size=n)
+
+    def spec(epochs):
+        return MLSpec.model_validate(
+            {
+                "model_name": "r",
+                "task": "regression",
+                "label": "y",
+                "features": {"numeric": ["a", "b"]},
+                "model": {"epochs": epochs, "batch_size": 256, "early_stopping_patience": None},
+            }
+        )
+
+    splits, _ = split_dataset(ray.data.from_pandas(df), spec(2))
+    pre = fit_preprocessor(splits["train"], spec(2))
+    first = fit_keras(splits, pre, spec(2), tmp_path, "resume-me")
+    assert [h["epoch"] for h in first.history] == [1, 2]
+    again = fit_keras(splits, pre, spec(4), tmp_path, "resume-me")
+    assert [h["epoch"] for h in again.history] == [1, 2, 3, 4]
+    assert again.history[:2] == first.history  # epochs 1-2 were not trained again
+    assert again.history[-1]["val_loss"] < first.history[0]["val_loss"]

@@ -90,15 +90,21 @@ def table_to_ray(path: str | Path) -> Any:
     meta = json.loads(schema_file.read_text())
     types = dict(meta["columns"])
     part = meta.get("partition_by") or []
+    # Ray Data's v2 Parquet reader runs its listing in actors that fail to load
+    # ("Expected str or bytes, got NoneType") once RayDP's conversion tasks have switched
+    # pooled workers to load_code_from_local; the v1 reader has no such actors.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     ds = ray.data.read_parquet(str(p), file_extensions=["parquet"])
-    if not part:
-        return ds
+    # Partition values come back as directory-name strings, and Spark's INT96 timestamps as
+    # naive nanoseconds: give both the types the handoff (Spark's Arrow conversion) has.
     casts = {c: pa.type_for_alias(_ARROW_OF_SPARK.get(types[c], "string")) for c in part}
+    casts |= {c: pa.timestamp("us", tz="UTC") for c, t in types.items() if t == "timestamp"}
+    casts |= {c: pa.timestamp("us") for c, t in types.items() if t == "timestamp_ntz"}
     order = [name for name, _ in meta["columns"]]
 
     def restore(t: pa.Table) -> pa.Table:
         for c, typ in casts.items():
-            if c in t.column_names:
+            if c in t.column_names and t.schema.field(c).type != typ:
                 i = t.column_names.index(c)
                 t = t.set_column(i, c, t.column(c).cast(typ))
         return t.select([c for c in order if c in t.column_names])
