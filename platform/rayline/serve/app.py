@@ -1,0 +1,112 @@
+"""The application builder ``rayline.serve:app_builder``, referenced from a Serve config.
+
+It binds one :class:`~rayline.serve.model.ModelServer` deployment per model (named
+``model-<name>``) and the :class:`~rayline.serve.ingress.Ingress` in front. Deployment options
+set here are defaults; a config's ``deployments:`` entries (autoscaling, resources,
+``max_ongoing_requests``, ``user_config``) override them by name.
+"""
+
+# No `from __future__ import annotations`: Serve reads app_builder's annotation at run time to
+# turn the config's `args:` into a ServeArgs.
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from ..ml.registry import ModelRegistry, RegistryError
+from .auth import load_keys
+from .config import ServeArgs
+from .ingress import Ingress
+from .model import ModelConfig, ModelServer
+
+__all__ = ["app_builder", "build_app"]
+
+INGRESS_NAME = "ingress"
+_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _check_models(args: ServeArgs) -> None:
+    """Fail at build time, with the registry's message, if a model or ref does not resolve."""
+    registry = ModelRegistry(args.registry)
+    for m in args.models:
+        try:
+            registry.get(m.name, m.ref)
+        except RegistryError as e:
+            raise ValueError(f"models[{m.name}]: {e}") from None
+
+
+def build_app(args: ServeArgs, check: bool = True) -> Application:
+    """The Serve application for validated arguments.
+
+    Args:
+        args: The application arguments.
+        check: Resolve every model's ref in the registry first (fail fast on a typo).
+
+    Returns:
+        The application (ingress bound to one deployment per model).
+
+    Raises:
+        ValueError: a model or ref does not resolve.
+        KeyConfigError: auth is enabled but the keys are missing or malformed.
+    """
+    registry = str(ModelRegistry(args.registry).uri)  # absolute: replicas run elsewhere
+    if check:
+        _check_models(args)
+    keyring = load_keys(args.auth)
+    keys = (
+        None if keyring is None else [k.__dict__ | {"models": list(k.models)} for k in keyring.keys]
+    )
+    handles = {}
+    for m in args.models:
+        cfg = ModelConfig(
+            ref=m.ref,
+            max_batch_size=args.batching.max_batch_size,
+            batch_wait_timeout_s=args.batching.batch_wait_timeout_s,
+            poll_interval_s=args.poll_interval_s,
+            max_rows=args.limits.max_rows,
+        ).model_dump()
+        deployment = serve.deployment(ModelServer).options(
+            name=m.deployment_name,
+            # Serve caps a batch at max_ongoing_requests; leave room for the next batch.
+            max_ongoing_requests=2 * args.batching.max_batch_size,
+            user_config=cfg,
+            ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": _ENV}},
+            health_check_period_s=5,
+            graceful_shutdown_timeout_s=10,
+        )
+        handles[m.name] = deployment.bind(registry, m.name, cfg, args.threads)
+    ingress = serve.deployment(Ingress).options(
+        name=INGRESS_NAME,
+        max_ongoing_requests=512,
+        ray_actor_options={"num_cpus": 0.25},
+    )
+    return ingress.bind(
+        handles, registry, keys, args.limits.max_body_bytes, args.limits.request_timeout_s
+    )
+
+
+def app_builder(args: ServeArgs) -> Application:
+    """Build the serving application from a Serve config's ``args:`` block.
+
+    Args:
+        args: The arguments (Serve validates the ``args:`` mapping into :class:`ServeArgs`; a
+            plain dict is validated here).
+
+    Returns:
+        The application for ``serve run`` / ``serve deploy``.
+
+    Example:
+        ``serve_configs/flights.yaml``::
+
+            applications:
+              - name: flights
+                route_prefix: /
+                import_path: rayline.serve:app_builder
+                args:
+                  registry: /srv/registry
+                  models: [{name: flights_arr_delay, ref: champion}]
+    """
+    if not isinstance(args, ServeArgs):
+        raw: Any = args
+        args = ServeArgs.model_validate(raw)
+    return build_app(args)
