@@ -281,3 +281,28 @@ def test_tree_ensemble_scoring(tmp_path):
     df = pd.DataFrame({"x": [8.0, 11.0, 14.0]})  # standardized: -1, 0.5, 2
     assert tree_matrix(p, df)[:, 0].tolist() == [-1.0, 0.5, 2.0]
     assert m.predict(df)["prediction"].tolist() == pytest.approx([2.0, 3.0, 4.0])
+
+
+@pytest.mark.parametrize("arrow_backed", [False, True])
+def test_time_split_on_tz_aware_arrow_timestamps(arrow_backed):
+    import pyarrow as pa
+
+    spec = ml(
+        split={
+            "method": "time",
+            "time_column": "t",
+            "validation_start": "2013-11-01",
+            "test_start": "2013-12-01",
+        }
+    )
+    t = pa.table(
+        {
+            "t": pa.array(
+                pd.to_datetime(["2013-10-31 23:00", "2013-11-01", "2013-12-02"], utc=True),
+                pa.timestamp("us", tz="UTC"),
+            ),
+            "y": [1.0, 2.0, 3.0],
+        }
+    )
+    df = t.to_pandas(types_mapper=pd.ArrowDtype) if arrow_backed else t.to_pandas()
+    assert _assign(df, spec, ["y"])[_SPLIT_COL].tolist() == [0, 1, 2]

@@ -144,13 +144,20 @@ def _canonical(keys: pd.DataFrame) -> pd.DataFrame:
 
 
 def _cut(col: pd.Series, value: Any) -> Any:
-    if pd.api.types.is_datetime64_any_dtype(col):
+    dtype = col.dtype
+    pa_type = getattr(dtype, "pyarrow_dtype", None)
+    is_time = pd.api.types.is_datetime64_any_dtype(dtype) or (
+        pa_type is not None and __import__("pyarrow").types.is_timestamp(pa_type)
+    )
+    if is_time:
         ts = pd.Timestamp(value)
-        tz = getattr(col.dtype, "tz", None)
+        tz = getattr(pa_type, "tz", None) if pa_type is not None else getattr(dtype, "tz", None)
         if tz is not None and ts.tzinfo is None:
             ts = ts.tz_localize(tz)
+        elif tz is None and ts.tzinfo is not None:
+            ts = ts.tz_convert("UTC").tz_localize(None)
         return ts
-    if pd.api.types.is_numeric_dtype(col):
+    if pd.api.types.is_numeric_dtype(dtype):
         return float(value)
     return str(value)
 
