@@ -298,7 +298,9 @@ def test_time_split_on_tz_aware_arrow_timestamps(arrow_backed):
     t = pa.table(
         {
             "t": pa.array(
-                pd.to_datetime(["2013-10-31 23:00", "2013-11-01", "2013-12-02"], utc=True),
+                pd.to_datetime(
+                    ["2013-10-31 23:00", "2013-11-01 00:00", "2013-12-02 00:00"], utc=True
+                ),
                 pa.timestamp("us", tz="UTC"),
             ),
             "y": [1.0, 2.0, 3.0],
