@@ -7,6 +7,8 @@ rayline runs list                recent runs
 rayline runs show RUN            one run: stages, timings, rows, outputs, error, report
 rayline lineage RUN              the lineage graph of a run
 rayline models list|show|promote|alias|delete   the model registry
+rayline stream run SPEC | replay SOURCE --topic T --rate N | tail TOPIC   Kafka streaming
+rayline predict NAME [ROWS]      predictions from a serving endpoint (rayline.serve)
 """
 
 from __future__ import annotations
@@ -328,6 +330,141 @@ def _add_models_parser(sub: Any) -> None:
     dl.set_defaults(models_fn=_models_delete)
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .serve.client import Client, ServeError
+
+    if args.rows is not None and args.file is not None:
+        print("rayline predict: give ROWS or --file, not both", file=sys.stderr)
+        return 2
+    if args.file is not None:
+        from pathlib import Path
+
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
+    elif args.rows is not None:
+        text = args.rows
+    else:
+        print("rayline predict: give ROWS (JSON) or --file PATH ('-': stdin)", file=sys.stderr)
+        return 2
+    try:
+        rows = json.loads(text)
+    except ValueError as e:
+        print(f"rayline predict: the rows are not JSON: {e}", file=sys.stderr)
+        return 2
+    url = args.url or os.environ.get("RAYLINE_SERVE_URL", "http://127.0.0.1:8000")
+    client = Client(url, api_key=os.environ.get(args.api_key_env), timeout=args.timeout)
+    try:
+        answer = client.predict(args.name, rows)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if isinstance(e.detail, list) and len(e.detail) > 5:
+            for d in e.detail[5:]:
+                print(
+                    f"  row {d.get('row')} {d.get('field') or ''}: {d.get('msg')}", file=sys.stderr
+                )
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    for i, p in enumerate(answer["predictions"]):
+        extra = ""
+        if p.get("probability") is not None:
+            extra = f"  p={p['probability']:.4f}"
+        elif p.get("probabilities"):
+            extra = "  " + " ".join(f"{c}={v:.3f}" for c, v in p["probabilities"].items())
+        print(f"{i}\t{p['model']}@{p['version']}\t{p['prediction']}{extra}")
+        for w in p.get("warnings", []):
+            print(f"\twarning: {w.get('field') or ''} {w['type']}: {w['msg']}")
+    return 0
+
+
+def _add_predict_parser(sub: Any) -> None:
+    pr = sub.add_parser("predict", help="predictions from a serving endpoint (rayline.serve)")
+    pr.add_argument("name", help="the model name")
+    pr.add_argument("rows", nargs="?", help="a JSON row or list of rows")
+    pr.add_argument("--file", "-f", metavar="PATH", help="read the rows from a file ('-': stdin)")
+    pr.add_argument(
+        "--url", help="the endpoint (default: $RAYLINE_SERVE_URL or http://127.0.0.1:8000)"
+    )
+    pr.add_argument(
+        "--api-key-env",
+        default="RAYLINE_API_KEY",
+        metavar="VAR",
+        help="environment variable holding the API key (default: RAYLINE_API_KEY)",
+    )
+    pr.add_argument("--timeout", type=float, default=30.0, help="seconds (default: 30)")
+    pr.add_argument("--json", action="store_true", help="print the answer as JSON")
+    pr.set_defaults(fn=_cmd_predict)
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    from .streaming import kafka_io
+
+    if args.stream_action == "run":
+        from .config import load_spec
+        from .streaming.run import run_stream
+
+        spec = load_spec(args.spec)
+        result = run_stream(
+            spec,
+            spec_path=args.spec,
+            available_now=args.available_now,
+            max_seconds=args.max_seconds,
+        )
+        st = result.record.get("stream", {})
+        print(
+            f"run {result.run_id} {result.status}: {st.get('events', 0):,} event(s), "
+            f"{st.get('predictions', 0):,} prediction(s), {st.get('dead_letters', 0):,} dead "
+            f"letter(s), {st.get('late_events', 0):,} late for the window"
+        )
+        print(f"  report:     {result.run_dir / 'report.html'}")
+        return 0
+    if args.stream_action == "replay":
+        bootstrap = args.bootstrap
+        path = args.source
+        na = None
+        order_by = args.order_by
+        if args.spec:
+            from .config import load_spec
+            from .sources import resolve_paths
+
+            spec = load_spec(args.spec)
+            if args.source not in spec.sources:
+                print(
+                    f"error: source {args.source!r} is not in {args.spec}; known: "
+                    f"{sorted(spec.sources)}",
+                    file=sys.stderr,
+                )
+                return 2
+            src = spec.sources[args.source]
+            path = resolve_paths(args.source, src)[0]
+            na = [src.options["nullValue"]] if "nullValue" in src.options else None
+            if spec.streaming is not None:
+                bootstrap = bootstrap or spec.streaming.bootstrap_servers
+                order_by = order_by or spec.streaming.event_time_column
+        bootstrap = bootstrap or "127.0.0.1:19092"
+        kafka_io.ensure_topics(bootstrap, [args.topic])
+        n = kafka_io.replay_csv(
+            path,
+            args.topic,
+            bootstrap,
+            rate=args.rate,
+            order_by=order_by,
+            limit=args.limit,
+            na_values=na,
+        )
+        print(f"replayed {n:,} event(s) from {path} to {args.topic}")
+        return 0
+    for rec in kafka_io.tail(
+        args.topic, args.bootstrap or "127.0.0.1:19092", timeout=args.timeout, limit=args.limit
+    ):
+        print(
+            json.dumps(rec)
+            if args.json
+            else f"{rec['partition']}:{rec['offset']} {rec['key']} {rec['value']}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rayline", description="Rayline: ML pipelines on one Ray cluster."
@@ -374,7 +511,34 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--json", action="store_true", help="print the OpenLineage events")
     lg.set_defaults(fn=_cmd_lineage)
 
+    st = sub.add_parser("stream", help="Kafka streaming: run the job, replay data, tail a topic")
+    st.set_defaults(fn=_cmd_stream)
+    ss = st.add_subparsers(dest="stream_action", required=True)
+    sr = ss.add_parser("run", help="run the spec's streaming section (until stopped)")
+    sr.add_argument("spec")
+    sr.add_argument(
+        "--available-now",
+        action="store_true",
+        help="process what the input topic holds now, then stop",
+    )
+    sr.add_argument("--max-seconds", type=float, help="stop gracefully after this long")
+    rp = ss.add_parser("replay", help="produce a dataset as JSON events at a given rate")
+    rp.add_argument("source", help="a CSV file, or a source name of --spec")
+    rp.add_argument("--topic", required=True)
+    rp.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    rp.add_argument("--spec", help="pipeline spec whose source (and streaming settings) to use")
+    rp.add_argument("--order-by", help="column to replay in (default: the event-time column)")
+    rp.add_argument("--limit", type=int, help="only the first N events")
+    rp.add_argument("--bootstrap", help="Kafka bootstrap servers (default: 127.0.0.1:19092)")
+    tl = ss.add_parser("tail", help="print a topic's records")
+    tl.add_argument("topic")
+    tl.add_argument("--bootstrap", help="Kafka bootstrap servers (default: 127.0.0.1:19092)")
+    tl.add_argument("--limit", type=int)
+    tl.add_argument("--timeout", type=float, default=5.0, help="stop after this many idle seconds")
+    tl.add_argument("--json", action="store_true")
+
     _add_models_parser(sub)
+    _add_predict_parser(sub)
     return p
 
 

@@ -65,7 +65,7 @@ def build_app(args: ServeArgs, check: bool = True) -> Application:
             poll_interval_s=args.poll_interval_s,
             max_rows=args.limits.max_rows,
         ).model_dump()
-        deployment = serve.deployment(ModelServer).options(
+        deployment = serve.deployment(
             name=m.deployment_name,
             # Serve caps a batch at max_ongoing_requests; leave room for the next batch.
             max_ongoing_requests=2 * args.batching.max_batch_size,
@@ -73,13 +73,13 @@ def build_app(args: ServeArgs, check: bool = True) -> Application:
             ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": _ENV}},
             health_check_period_s=5,
             graceful_shutdown_timeout_s=10,
-        )
+        )(ModelServer)
         handles[m.name] = deployment.bind(registry, m.name, cfg, args.threads)
-    ingress = serve.deployment(Ingress).options(
+    ingress = serve.deployment(
         name=INGRESS_NAME,
         max_ongoing_requests=512,
         ray_actor_options={"num_cpus": 0.25},
-    )
+    )(Ingress)
     return ingress.bind(
         handles, registry, keys, args.limits.max_body_bytes, args.limits.request_timeout_s
     )

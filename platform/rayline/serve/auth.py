@@ -132,11 +132,12 @@ def parse_keys(text: str, where: str) -> list[ApiKey]:
         kid = entry.get("id")
         if not isinstance(kid, str) or not kid:
             raise KeyConfigError(f"{where}: keys[{i}] needs an id")
-        digest = str(entry.get("sha256", "")).lower()
+        raw = entry.get("sha256")
+        digest = raw.lower() if isinstance(raw, str) else ""
         if not _HEX64.match(digest):
             raise KeyConfigError(
-                f"{where}: key {kid!r}: sha256 must be 64 hex digits (the hash of the key, "
-                "never the key itself)"
+                f"{where}: key {kid!r}: sha256 must be a string of 64 hex digits (the hash of "
+                "the key, never the key itself; quote it in YAML)"
             )
         models = entry.get("models", ["*"])
         if isinstance(models, str):
