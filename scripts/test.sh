@@ -10,4 +10,11 @@ if [ $# -eq 0 ] || [ "${1:-}" = "-ra" ]; then  # the full run also checks lint a
   .venv/bin/ruff check platform tests workloads scripts benchmarks
   .venv/bin/mypy
 fi
-exec .venv/bin/python -m pytest "$@"
+# The streaming tests need a real Kafka broker: start it (fetched from Maven Central on first
+# use), stop it when the tests end.
+export RAYLINE_KAFKA_PORT="${RAYLINE_KAFKA_PORT:-19192}"
+export RAYLINE_KAFKA_DIR="${RAYLINE_KAFKA_DIR:-$PWD/.cache/kafka/test-node-$RAYLINE_KAFKA_PORT}"
+rm -rf "$RAYLINE_KAFKA_DIR"  # a fresh broker: no topics or offsets of earlier runs
+scripts/kafka.sh start
+trap 'scripts/kafka.sh stop' EXIT
+.venv/bin/python -m pytest "$@"

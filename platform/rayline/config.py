@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .ml.spec import MLSpec
+from .streaming.spec import StreamingSpec
 
 __all__ = [
     "SpecError",
@@ -620,6 +621,11 @@ class PipelineSpec(_Model):
         description="Train, evaluate and register a model on the curated table "
         "(`rayline run --train`, `rayline train`).",
     )
+    streaming: StreamingSpec | None = Field(
+        None,
+        description="Kafka events through the same transform and rules, scored by the "
+        "registered model (`rayline stream run`).",
+    )
 
     @model_validator(mode="after")
     def _cross_refs(self) -> PipelineSpec:
@@ -649,6 +655,14 @@ class PipelineSpec(_Model):
                 for j, rule in enumerate(st.rules):
                     if isinstance(rule, ReferentialRule):
                         self._need_source(rule.source, f"{where}.rules[{j}].source")
+        if self.streaming is not None:
+            src = self.streaming.source
+            self._need_source(src, "streaming.source")
+            if not self.sources[src].columns:
+                raise ValueError(
+                    f"streaming.source: source {src!r} needs a `columns` contract (the schema "
+                    "events are parsed with)"
+                )
         if not any(isinstance(s, TransformStage) for s in self.stages) and len(self.sources) != 1:
             raise ValueError(
                 "with several sources, a transform stage must say which one the pipeline uses"

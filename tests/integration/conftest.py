@@ -22,9 +22,15 @@ def session_dir(tmp_path_factory):
 def spark(session_dir):
     from rayline.config import SessionConfig
     from rayline.session import spark_on_ray
+    from rayline.streaming.kafka_io import spark_kafka_jars
 
+    jars = spark_kafka_jars()  # the streaming tests share this session
     cfg = SessionConfig(
-        num_executors=1, executor_cores=2, executor_memory="2g", app_name="rayline-tests"
+        num_executors=1,
+        executor_cores=2,
+        executor_memory="2g",
+        app_name="rayline-tests",
+        spark_conf={"spark.jars": jars, "raydp.executor.extraClassPath": jars.replace(",", ":")},
     )
     with spark_on_ray(cfg, warehouse=session_dir / "warehouse") as s:
         yield s
@@ -62,3 +68,24 @@ def make_spec(tmp_path):
         return parse_spec(raw)
 
     return make
+
+
+KAFKA_PORT = os.environ.get("RAYLINE_KAFKA_PORT", "19192")
+
+
+@pytest.fixture(scope="package")
+def kafka():
+    """A real Kafka broker (scripts/kafka.sh): the one scripts/test.sh started, or one started
+    (and stopped) here. Yields its bootstrap address."""
+    import subprocess
+
+    env = {**os.environ, "RAYLINE_KAFKA_PORT": KAFKA_PORT}
+    script = str(ROOT / "scripts" / "kafka.sh")
+    was_running = subprocess.run([script, "status"], env=env, capture_output=True).returncode == 0
+    up = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield f"127.0.0.1:{KAFKA_PORT}"
+    finally:
+        if not was_running:
+            subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)

@@ -1,0 +1,1 @@
+"""Kafka streaming: the same transform and rules on Spark Structured Streaming."""

@@ -1,0 +1,508 @@
+"""The streaming job: Kafka events through the spec's transform steps and row rules on Spark
+Structured Streaming (RayDP), scored by the registered model, with a dead-letter topic, and
+event-time window aggregates in the warehouse.
+
+Per micro-batch (``foreachBatch``):
+
+1. events that are not a JSON object of the source's schema are dead letters (``malformed``);
+2. the spec's transform steps run on the rest (joins with static sources work as in batch);
+3. the row rules of its quality stages are evaluated (the batch stage's own code): ``fail``
+   rules stop the query with an error naming the rule; events breaking ``quarantine`` rules are
+   dead letters with the rules they broke; ``warn`` rules are counted. Dataset rules (``unique``,
+   ``row_count``, ``freshness``) describe a whole table and are skipped here;
+4. clean events are scored on the executors by the model interface (the same code as serving and
+   batch scoring); the model's alias is resolved again before every micro-batch;
+5. predictions and dead letters are written to Kafka.
+
+No loss, no duplicates: Spark replays a micro-batch that did not commit (same offsets, same
+rows). Before writing batch N the job records where the output topics ended; on a replay of N
+it reads back what N already wrote from there and writes only the rest. Every output record
+carries its source partition and offset and the batch id.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import PipelineSpec, QualityStage, SelectStep, TransformStage
+from ..context import RunContext
+from .spec import StreamingSpec
+
+__all__ = ["StreamFailed", "StreamJob", "META"]
+
+log = logging.getLogger("rayline")
+
+META = ["_rayline_key", "_rayline_value", "_rayline_partition", "_rayline_offset"]
+CORRUPT = "_rayline_corrupt"
+_DATASET_RULES = ("unique", "row_count", "freshness")
+_MODELS: dict[str, Any] = {}  # per Python worker: model dir -> loaded model
+
+
+class StreamFailed(RuntimeError):
+    """A ``fail`` rule broke in a micro-batch, or the stream cannot run; names what and where."""
+
+
+def _score_partition(
+    batches: Any,
+    model_dir: str,
+    ref: dict[str, Any],
+    key_cols: list[str],
+    time_col: str | None,
+    batch_id: int,
+) -> Any:
+    """mapInPandas: clean events -> (key, value) prediction records, on the executors."""
+    import numpy as np
+    import pandas as pd
+
+    from ..ml.models import load_model
+
+    model = _MODELS.get(model_dir)
+    if model is None:
+        model = _MODELS[model_dir] = load_model(model_dir)
+    for pdf in batches:
+        if len(pdf) == 0:
+            continue
+        out = model.predict(pdf)
+        keys = (
+            pdf[key_cols].astype(str).agg("|".join, axis=1)
+            if key_cols
+            else pdf["_rayline_key"].astype(object)
+        )
+        values = []
+        for i in range(len(pdf)):
+            rec: dict[str, Any] = {
+                "key": keys.iloc[i],
+                "prediction": _plain(out["prediction"][i]),
+                "model": ref["name"],
+                "version": ref["version"],
+                "batch_id": batch_id,
+                "source_partition": int(pdf["_rayline_partition"].iloc[i]),
+                "source_offset": int(pdf["_rayline_offset"].iloc[i]),
+            }
+            if "probabilities" in out:
+                rec["probabilities"] = dict(
+                    zip(
+                        model.pre.classes, np.asarray(out["probabilities"][i]).tolist(), strict=True
+                    )
+                )
+            if time_col:
+                rec["event_time"] = _plain(pdf[time_col].iloc[i])
+            values.append(json.dumps(rec))
+        yield pd.DataFrame({"key": keys.astype(object).where(keys.notna(), None), "value": values})
+
+
+def _plain(v: Any) -> Any:
+    if v is None:
+        return None
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class StreamJob:
+    """One streaming run of a spec (see the module docstring)."""
+
+    def __init__(self, spark: Any, spec: PipelineSpec, ctx: RunContext, run_dir: Path) -> None:
+        if spec.streaming is None:
+            raise StreamFailed(f"spec {spec.name!r} has no 'streaming' section")
+        self.spark = spark
+        self.spec = spec
+        self.s: StreamingSpec = spec.streaming
+        self.ctx = ctx
+        self.run_dir = run_dir
+        self.cp = Path(self.s.checkpoint_location).resolve() / spec.name
+        self.sink_dir = self.cp / "rayline_sink"
+        self.stages = self._stages()
+        self.report: dict[str, Any] = {
+            "batches": 0,
+            "events": 0,
+            "malformed": 0,
+            "quarantined": 0,
+            "predictions": 0,
+            "replayed_records_skipped": 0,
+            "rules": {},
+            "models": {},
+            "late_events": 0,
+        }
+        self.model_ref: dict[str, Any] | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _stages(self) -> list[Any]:
+        chosen = [st for st in self.spec.stages if isinstance(st, TransformStage | QualityStage)]
+        if self.s.stages is not None:
+            names = {st.name for st in chosen}
+            unknown = sorted(set(self.s.stages) - names)
+            if unknown:
+                raise StreamFailed(
+                    f"streaming.stages: unknown transform/quality stage(s) {unknown}; "
+                    f"known: {sorted(names)}"
+                )
+            chosen = [st for st in chosen if st.name in self.s.stages]
+        out: list[Any] = []
+        for st in chosen:
+            if isinstance(st, TransformStage):
+                steps = [
+                    s.model_copy(update={"columns": list(s.columns) + META})
+                    if isinstance(s, SelectStep)
+                    else s
+                    for s in st.steps
+                ]
+                out.append(st.model_copy(update={"steps": steps}))
+            else:
+                rules = [r for r in st.rules if r.type not in _DATASET_RULES]
+                out.append(st.model_copy(update={"rules": rules}))
+        return out
+
+    def _resolve_model(self) -> tuple[str, dict[str, Any]]:
+        from ..ml.registry import ModelRegistry
+
+        ml = self.spec.ml
+        ref = self.s.model or (f"{ml.model_name}@{ml.gate.alias}" if ml else None)
+        registry = self.s.registry or (ml.registry if ml else None)
+        if ref is None or registry is None:
+            raise StreamFailed("streaming.model (or an ml section) is needed to score events")
+        reg = ModelRegistry(registry)
+        mv = reg.resolve(ref)
+        path = str(reg.local_path(mv))
+        info = {"name": mv.name, "version": mv.version, "ref": ref}
+        if self.model_ref is None or self.model_ref["version"] != mv.version:
+            log.info("[stream] scoring with %s@%d (%s)", mv.name, mv.version, ref)
+        self.model_ref = info
+        return path, info
+
+    def _parsed(self) -> Any:
+        from pyspark.sql import functions as F
+        from pyspark.sql.types import StringType, StructField, StructType
+
+        schema = self.ctx.schema_of(self.s.source)
+        with_corrupt = StructType(list(schema.fields) + [StructField(CORRUPT, StringType())])
+        raw = (
+            self.spark.readStream.format("kafka")
+            .option("kafka.bootstrap.servers", self.s.bootstrap_servers)
+            .option("subscribe", self.s.input_topic)
+            .option("startingOffsets", self.s.starting_offsets)
+            .option("maxOffsetsPerTrigger", str(self.s.max_offsets_per_trigger))
+            .option("failOnDataLoss", "true")
+            .load()
+        )
+        value = F.col("value").cast("string")
+        parsed = F.from_json(
+            value, with_corrupt, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
+        )
+        return raw.select(
+            parsed.alias("e"),
+            F.col("key").cast("string").alias("_rayline_key"),
+            value.alias("_rayline_value"),
+            F.col("partition").alias("_rayline_partition"),
+            F.col("offset").alias("_rayline_offset"),
+        )
+
+    # -- one micro-batch ---------------------------------------------------------------------
+
+    def _already_written(self, batch_id: int) -> set[tuple[int, int]]:
+        """(partition, offset) of source events batch ``batch_id`` already wrote (a replay)."""
+        from pyspark.sql import functions as F
+
+        marker = self.sink_dir / f"{batch_id}.json"
+        if not marker.exists():
+            return set()
+        starts = json.loads(marker.read_text())
+        done: set[tuple[int, int]] = set()
+        for topic, offsets in starts.items():
+            df = (
+                self.spark.read.format("kafka")
+                .option("kafka.bootstrap.servers", self.s.bootstrap_servers)
+                .option("subscribe", topic)
+                .option("startingOffsets", json.dumps({topic: offsets}))
+                .option("endingOffsets", "latest")
+                .load()
+            )
+            v = F.col("value").cast("string")
+            rows = (
+                df.select(
+                    F.get_json_object(v, "$.batch_id").cast("long").alias("b"),
+                    F.get_json_object(v, "$.source_partition").cast("int").alias("p"),
+                    F.get_json_object(v, "$.source_offset").cast("long").alias("o"),
+                )
+                .where(F.col("b") == batch_id)
+                .select("p", "o")
+                .collect()  # at most one micro-batch's worth of pairs
+            )
+            done |= {(int(r["p"]), int(r["o"])) for r in rows}
+        return done
+
+    def _mark_start(self, batch_id: int) -> None:
+        """Record where the output topics end before batch ``batch_id`` writes (once)."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        marker = self.sink_dir / f"{batch_id}.json"
+        if marker.exists():
+            return
+        c = Consumer(
+            {
+                "bootstrap.servers": self.s.bootstrap_servers,
+                "group.id": "rayline-offsets",
+                "enable.auto.commit": False,
+            }
+        )
+        try:
+            starts: dict[str, dict[str, int]] = {}
+            for topic in (self.s.output_topic, self.s.dead_letter_topic):
+                meta = c.list_topics(topic, timeout=30).topics[topic]
+                starts[topic] = {}
+                for p in meta.partitions:
+                    _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                    starts[topic][str(p)] = int(high)
+        finally:
+            c.close()
+        self.sink_dir.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(starts))
+        tmp.replace(marker)
+        # Markers of batches Spark has committed are no longer needed.
+        for old in self.sink_dir.glob("*.json"):
+            if old.stem.isdigit() and int(old.stem) < batch_id - 2:
+                old.unlink(missing_ok=True)
+
+    def process(self, batch: Any, batch_id: int) -> None:
+        from pyspark.sql import functions as F
+
+        from ..stages import quality as q
+        from ..stages.transform import apply_steps
+
+        t0 = time.perf_counter()
+        model_dir, ref = self._resolve_model()
+        batch = batch.persist()
+        try:
+            total = batch.count()
+            if total == 0:
+                return
+            done = self._already_written(batch_id)
+            malformed = batch.where(F.col("e." + CORRUPT).isNotNull() | F.col("e").isNull())
+            events = (
+                batch.where(F.col("e").isNotNull() & F.col("e." + CORRUPT).isNull())
+                .select("e.*", *META)
+                .drop(CORRUPT)
+            )
+
+            data = events
+            quarantine_flags: list[tuple[str, Any]] = []
+            for st in self.stages:
+                self.ctx.stage = st.name
+                if isinstance(st, TransformStage):
+                    data = apply_steps(data, st.steps, self.ctx.source, st.name)
+                    continue
+                data, flags = q._row_flags(data, st, self.ctx)
+                for rule in st.rules:
+                    if rule.name not in flags:
+                        continue
+                    if rule.severity == "fail":
+                        failed = data.where(flags[rule.name]).count()
+                        tol = rule.max_failed_fraction or 0.0
+                        if failed > tol * total:
+                            raise StreamFailed(
+                                f"stage {st.name!r}, rule {rule.name!r} (severity fail): "
+                                f"{failed} of {total} event(s) in micro-batch {batch_id} "
+                                "broke it; the query stops"
+                            )
+                    if rule.severity == "quarantine":
+                        quarantine_flags.append((rule.name, flags[rule.name]))
+            reasons = (
+                F.array_compact(F.array(*[F.when(c, F.lit(n)) for n, c in quarantine_flags]))
+                if quarantine_flags
+                else F.array().cast("array<string>")
+            )
+            data = data.withColumn("_rayline_reasons", reasons)
+
+            rejected = data.where(F.size("_rayline_reasons") > 0)
+            clean = data.where(F.size("_rayline_reasons") == 0).drop("_rayline_reasons")
+            dead = malformed.select(
+                F.array(F.lit("malformed")).alias("_rayline_reasons"), *META
+            ).unionByName(rejected.select("_rayline_reasons", *META))
+            dead_out = dead.select(
+                F.col("_rayline_key").alias("key"),
+                F.to_json(
+                    F.struct(
+                        F.col("_rayline_reasons").alias("reasons"),
+                        F.col("_rayline_value").alias("original"),
+                        F.col("_rayline_key").alias("key"),
+                        F.lit(self.s.input_topic).alias("topic"),
+                        F.col("_rayline_partition").alias("source_partition"),
+                        F.col("_rayline_offset").alias("source_offset"),
+                        F.lit(batch_id).alias("batch_id"),
+                    )
+                ).alias("value"),
+                "_rayline_partition",
+                "_rayline_offset",
+            )
+            from pyspark.sql.types import StringType, StructField, StructType
+
+            out_schema = StructType(
+                [StructField("key", StringType()), StructField("value", StringType())]
+            )
+            # Plain values only: a closure over self would drag the SparkSession along.
+            score = functools.partial(
+                _score_partition,
+                model_dir=model_dir,
+                ref=dict(ref),
+                key_cols=list(self.s.key_columns),
+                time_col=self.s.event_time_column,
+                batch_id=batch_id,
+            )
+            preds = clean.mapInPandas(score, out_schema)
+            if done:
+                pairs = self.spark.createDataFrame(sorted(done), "_p int, _o long").withColumn(
+                    "_done", F.lit(True)
+                )
+                dead_out = dead_out.join(
+                    F.broadcast(pairs),
+                    (F.col("_rayline_partition") == F.col("_p"))
+                    & (F.col("_rayline_offset") == F.col("_o")),
+                    "left_anti",
+                )
+                v = F.col("value")
+                preds = preds.join(
+                    F.broadcast(pairs),
+                    (F.get_json_object(v, "$.source_partition").cast("int") == F.col("_p"))
+                    & (F.get_json_object(v, "$.source_offset").cast("long") == F.col("_o")),
+                    "left_anti",
+                )
+            dead_out = dead_out.select("key", "value").persist()
+            preds = preds.persist()
+            n_dead, n_pred = dead_out.count(), preds.count()
+            n_malformed, n_rejected = malformed.count(), rejected.count()
+            self._mark_start(batch_id)
+            for df, topic in ((preds, self.s.output_topic), (dead_out, self.s.dead_letter_topic)):
+                (
+                    df.write.format("kafka")
+                    .option("kafka.bootstrap.servers", self.s.bootstrap_servers)
+                    .option("kafka.acks", "all")
+                    .option("kafka.enable.idempotence", "true")
+                    .option("topic", topic)
+                    .save()
+                )
+            counts = {
+                r["r"]: int(r["count"])
+                for r in rejected.select(F.explode("_rayline_reasons").alias("r"))
+                .groupBy("r")
+                .count()
+                .collect()  # one row per rule
+            }
+            preds.unpersist()
+            dead_out.unpersist()
+        finally:
+            batch.unpersist()
+        rep = self.report
+        rep["batches"] += 1
+        rep["events"] += total
+        rep["malformed"] += n_malformed
+        rep["quarantined"] += n_rejected
+        for rule_name, n_rule in counts.items():
+            rep["rules"][rule_name] = rep["rules"].get(rule_name, 0) + n_rule
+        rep["predictions"] += n_pred
+        rep["dead_letters"] = rep.get("dead_letters", 0) + n_dead
+        rep["replayed_records_skipped"] += len(done)
+        key = f"{ref['name']}@{ref['version']}"
+        rep["models"][key] = rep["models"].get(key, 0) + n_pred
+        rep["last_batch"] = {
+            "id": batch_id,
+            "events": total,
+            "predictions": n_pred,
+            "dead_letters": n_dead,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        log.info(
+            "[stream] batch %d: %d event(s) -> %d prediction(s) (%s), %d dead letter(s)%s in %.1fs",
+            batch_id,
+            total,
+            n_pred,
+            key,
+            n_dead,
+            f", {len(done)} already written before a restart" if done else "",
+            time.perf_counter() - t0,
+        )
+        (self.run_dir / "reports").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "reports" / "stream.json").write_text(json.dumps(rep, indent=2))
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def start(self, available_now: bool = False) -> list[Any]:
+        """Start the scoring query (and the window query); returns the StreamingQuery objects."""
+        from .kafka_io import ensure_topics
+
+        ensure_topics(
+            self.s.bootstrap_servers,
+            [self.s.input_topic, self.s.output_topic, self.s.dead_letter_topic],
+        )
+        self._resolve_model()
+        parsed = self._parsed()
+        w = parsed.writeStream.foreachBatch(self.process).option(
+            "checkpointLocation", str(self.cp / "score")
+        )
+        w = (
+            w.trigger(availableNow=True)
+            if available_now
+            else w.trigger(processingTime=f"{self.s.trigger_seconds} seconds")
+        )
+        queries = [w.queryName(f"rayline-{self.spec.name}-score").start()]
+        if self.s.window is not None:
+            queries.append(self._window_query(parsed, available_now))
+        return queries
+
+    def _window_query(self, parsed: Any, available_now: bool) -> Any:
+        from pyspark.sql import functions as F
+
+        from ..outputs import table_path
+
+        win = self.s.window
+        assert win is not None
+        events = parsed.where(F.col("e").isNotNull() & F.col("e." + CORRUPT).isNull()).select("e.*")
+        aggs = [F.count(F.lit(1)).alias("events")]
+        for m in win.metrics:
+            aggs += [F.avg(m).alias(f"{m}_mean"), F.max(m).alias(f"{m}_max")]
+        out = (
+            events.withWatermark(win.time_column, win.watermark)
+            .groupBy(F.window(win.time_column, win.duration).alias("window"), *win.group_by)
+            .agg(*aggs)
+            .select(
+                F.col("window.start").alias("window_start"),
+                F.col("window.end").alias("window_end"),
+                *win.group_by,
+                *[
+                    c
+                    for c in ["events"] + [f"{m}_{s}" for m in win.metrics for s in ("mean", "max")]
+                ],
+            )
+        )
+        path = table_path(self.spec.warehouse, win.table)
+        w = (
+            out.writeStream.format("parquet")
+            .outputMode("append")
+            .option("path", str(path))
+            .option("checkpointLocation", str(self.cp / "window"))
+        )
+        w = (
+            w.trigger(availableNow=True)
+            if available_now
+            else w.trigger(processingTime=f"{self.s.trigger_seconds} seconds")
+        )
+        return w.queryName(f"rayline-{self.spec.name}-window").start()
+
+    def late_events(self, query: Any) -> int:
+        """Events the window query dropped for arriving after the watermark (so far)."""
+        total = 0
+        for p in query.recentProgress or []:
+            for op in p.get("stateOperators", []):
+                total += int(op.get("numRowsDroppedByWatermark", 0))
+        return total
