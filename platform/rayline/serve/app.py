@@ -35,12 +35,30 @@ def _check_models(args: ServeArgs) -> None:
             raise ValueError(f"models[{m.name}]: {e}") from None
 
 
-def build_app(args: ServeArgs, check: bool = True) -> Application:
+def _options(defaults: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """Deployment options: ``override`` over ``defaults`` (``ray_actor_options`` merged)."""
+    out = dict(defaults) | dict(override or {})
+    if override and "ray_actor_options" in override:
+        out["ray_actor_options"] = defaults.get("ray_actor_options", {}) | dict(
+            override["ray_actor_options"]
+        )
+    return out
+
+
+def build_app(
+    args: ServeArgs,
+    check: bool = True,
+    model_options: dict[str, Any] | None = None,
+    ingress_options: dict[str, Any] | None = None,
+) -> Application:
     """The Serve application for validated arguments.
 
     Args:
         args: The application arguments.
         check: Resolve every model's ref in the registry first (fail fast on a typo).
+        model_options: Deployment options for every model deployment over the defaults (e.g.
+            ``{"num_replicas": 2}``); a Serve config's ``deployments:`` does the same by name.
+        ingress_options: Deployment options for the ingress over the defaults.
 
     Returns:
         The application (ingress bound to one deployment per model).
@@ -65,21 +83,24 @@ def build_app(args: ServeArgs, check: bool = True) -> Application:
             poll_interval_s=args.poll_interval_s,
             max_rows=args.limits.max_rows,
         ).model_dump()
-        deployment = serve.deployment(
-            name=m.deployment_name,
-            # Serve caps a batch at max_ongoing_requests; leave room for the next batch.
-            max_ongoing_requests=2 * args.batching.max_batch_size,
-            user_config=cfg,
-            ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": _ENV}},
-            health_check_period_s=5,
-            graceful_shutdown_timeout_s=10,
-        )(ModelServer)
+        options = _options(
+            {
+                # Serve caps a batch at max_ongoing_requests; leave room for the next batch.
+                "max_ongoing_requests": 2 * args.batching.max_batch_size,
+                "ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": _ENV}},
+                "health_check_period_s": 5,
+                "graceful_shutdown_timeout_s": 10,
+            },
+            model_options,
+        )
+        deployment = serve.deployment(name=m.deployment_name, user_config=cfg, **options)(
+            ModelServer
+        )
         handles[m.name] = deployment.bind(registry, m.name, cfg, args.threads)
-    ingress = serve.deployment(
-        name=INGRESS_NAME,
-        max_ongoing_requests=512,
-        ray_actor_options={"num_cpus": 0.25},
-    )(Ingress)
+    options = _options(
+        {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 0.25}}, ingress_options
+    )
+    ingress = serve.deployment(name=INGRESS_NAME, **options)(Ingress)
     return ingress.bind(
         handles, registry, keys, args.limits.max_body_bytes, args.limits.request_timeout_s
     )
