@@ -1,0 +1,114 @@
+"""Recovery of the streaming job as users run it (`python workloads/stream_pipeline.py`, its own
+Spark-on-Ray session): killed with SIGKILL mid-stream and restarted, then the broker restarted
+under it; in the end every input event has exactly one output record."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import yaml
+
+from rayline.streaming.kafka_io import replay_frame, tail
+
+from .conftest import FLIGHTS_DATA, KAFKA_PORT, ROOT
+from .test_streaming import flights_rows, register_model
+
+pytestmark = pytest.mark.integration
+
+N = 1500
+
+
+def start_job(spec_path, log, *extra):
+    return subprocess.Popen(
+        [sys.executable, "workloads/stream_pipeline.py", "--spec", str(spec_path), *extra],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: SIGKILL takes Spark and Ray with it
+        env={**os.environ, "RAYLINE_DATA_DIR": str(FLIGHTS_DATA.parent)},
+    )
+
+
+def kill_group(p, sig=signal.SIGKILL):
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+    p.wait(timeout=120)
+
+
+def outputs(s, bootstrap):
+    preds = [json.loads(r["value"]) for r in tail(s["output_topic"], bootstrap, timeout=5)]
+    dead = [json.loads(r["value"]) for r in tail(s["dead_letter_topic"], bootstrap, timeout=5)]
+    return [p["source_offset"] for p in preds] + [d["source_offset"] for d in dead]
+
+
+def wait_for(cond, limit, what):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(2)
+    raise AssertionError(f"timed out after {limit}s waiting for {what}")
+
+
+def test_killed_job_and_restarted_broker_lose_and_duplicate_nothing(spark, kafka, tmp_path):
+    registry = tmp_path / "registry"
+    from rayline.config import _read_yaml
+    from rayline.ml.registry import ModelRegistry
+
+    ModelRegistry(str(registry)).set_alias("stream_model", "champion", register_model(registry))
+    tag = uuid.uuid4().hex[:8]
+    raw = _read_yaml(ROOT / "pipelines" / "flights.yaml", set())
+    raw["stages"] = [st for st in raw["stages"] if st["type"] != "analytics"]
+    raw.pop("ml")
+    raw["warehouse"] = str(tmp_path / "warehouse")
+    raw["run_store"] = str(tmp_path / "runs")
+    raw["session"]["app_name"] = "rayline-recovery"
+    s = raw["streaming"]
+    s.update(bootstrap_servers=kafka, input_topic=f"in-{tag}", output_topic=f"out-{tag}",
+             dead_letter_topic=f"dlq-{tag}", checkpoint_location=str(tmp_path / "cp"),
+             model="stream_model@champion", registry=str(registry),
+             max_offsets_per_trigger=250, trigger_seconds=1)
+    s.pop("window")
+    spec_path = tmp_path / "stream.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    assert replay_frame(iter(flights_rows(0, N)), s["input_topic"], kafka) == N
+    log = (tmp_path / "job.log").open("w")
+
+    # 1. Killed mid-stream (SIGKILL: no chance to clean up), then restarted.
+    job = start_job(spec_path, log)
+    try:
+        wait_for(lambda: len(outputs(s, kafka)) >= 250, 400, "the first micro-batches")
+    finally:
+        kill_group(job)
+    written = len(outputs(s, kafka))
+    assert written < N, "the job finished before it could be killed; raise N"
+
+    # 2. Restarted; the broker restarts under it.
+    job = start_job(spec_path, log)
+    try:
+        wait_for(lambda: len(outputs(s, kafka)) > written, 400, "progress after the restart")
+        env = {**os.environ, "RAYLINE_KAFKA_PORT": KAFKA_PORT}
+        r = subprocess.run([str(ROOT / "scripts" / "kafka.sh"), "restart"], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        time.sleep(10)
+        kill_group(job, signal.SIGTERM)  # a graceful stop (or it already failed clearly)
+
+    # 3. Drain what is left, then count.
+    final = start_job(spec_path, log, "--available-now")
+    assert final.wait(timeout=600) == 0, (tmp_path / "job.log").read_text()[-3000:]
+    offsets = outputs(s, kafka)
+    assert sorted(offsets) == list(range(N)), (
+        f"{len(offsets)} outputs for {N} inputs; duplicates: "
+        f"{sorted({o for o in offsets if offsets.count(o) > 1})[:10]}"
+    )
