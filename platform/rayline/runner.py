@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, metrics
 from .config import (
     JoinStep,
     PipelineSpec,
@@ -307,6 +307,11 @@ def _execute(spark: Any, spec: PipelineSpec, run: _Run, after: Any = None) -> No
                 inputs=inputs,
                 outputs=[prev_ds],
             )
+            metrics.stage_done(spec.name, st.name, rec["duration_s"], rows_in, rows_out)
+            if isinstance(st, QualityStage):
+                for r in report.get("rules", []):
+                    if r.get("severity") == "quarantine":
+                        metrics.quarantined(spec.name, st.name, r["rule"], r.get("failed") or 0)
             log.info(
                 "[%d/%d] %s %r: done in %.1fs (rows in %s, out %s)",
                 i + 1,
@@ -321,6 +326,7 @@ def _execute(spark: Any, spec: PipelineSpec, run: _Run, after: Any = None) -> No
         _publish(spark, spec, ctx, run, df, prev_ds)
         if after is not None:
             after(ctx, df)
+        metrics.flush()
     finally:
         ctx.release()
 

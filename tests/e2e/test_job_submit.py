@@ -141,8 +141,46 @@ def shared_env(root):
             "RAYLINE_WAREHOUSE": str(root / "warehouse"),
             "RAYLINE_RUN_STORE": str(root / "runs"),
             "RAYLINE_REGISTRY": str(root / "registry"),
+            # Stay up long enough for the metrics agent to collect the job's metrics.
+            "RAYLINE_METRICS_FLUSH_SECONDS": "15",
         }
     }
+
+
+def scrape(port):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric_value(text, name, **tags):
+    """Sum of the samples of ``name`` (with Ray's ``ray_`` prefix) whose labels include
+    ``tags``."""
+    total = None
+    for line in text.splitlines():
+        m = re.match(r"^ray_" + name + r"(?:_total)?\{(.*)\}\s+([0-9.eE+-]+)$", line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(labels.get(k) == v for k, v in tags.items()):
+            total = (total or 0) + float(m.group(2))
+    return total
+
+
+def scrape_until(port, want, limit):
+    deadline = time.time() + limit
+    found = {}
+    while time.time() < deadline:
+        text = scrape(port)
+        found = {
+            (name, stage): metric_value(text, name, pipeline="flights", stage=stage)
+            for name, stage in want
+        }
+        if found == {k: float(v) for k, v in want.items()}:
+            return want
+        time.sleep(5)
+    return found
 
 
 def test_flights_pipeline_as_a_ray_job(cluster, shared):
@@ -163,6 +201,16 @@ def test_flights_pipeline_as_a_ray_job(cluster, shared):
     assert Path(cur["path"], "_SUCCESS").exists()
     assert Path(runs[0].parent, "report.html").exists()
     assert rec["code_version"].startswith("0.1.0")
+
+    # Rayline's metrics, from the cluster's metrics endpoint (Prometheus format).
+    port = env()["RAYLINE_METRICS_PORT"]
+    by_stage = {s["name"]: s for s in rec["stages"]}
+    want = {
+        ("rayline_stage_rows_out", "checks"): by_stage["checks"]["rows_out"],
+        ("rayline_stage_rows_in", "prepare"): by_stage["prepare"]["rows_in"],
+    }
+    found = scrape_until(port, want, limit=90)
+    assert found == want, found
 
 
 def test_training_job_registers_and_promotes_a_classifier(cluster, shared):

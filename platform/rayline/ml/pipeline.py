@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import metrics as rl_metrics
 from .evaluate import evaluate
 from .features import Preprocessor, check_columns, fit_preprocessor
 from .gate import decide
@@ -278,6 +279,7 @@ def run_ml(
             "code_version": info.code_version,
         }
         mv = reg.register(ml.model_name, model_dir, meta)
+        rl_metrics.model_metric(ml.model_name, mv.version, _headline(res["metrics"]))
         entry: dict[str, Any] = {
             "framework": framework,
             "version": mv.version,

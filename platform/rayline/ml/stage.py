@@ -222,6 +222,9 @@ def train_from_table(
                     holder["report"] = run_ml(ds, ml, info, spark_df=spark.read.parquet(str(path)))
             else:
                 holder["report"] = run_ml(ds, ml, info)
+            from .. import metrics
+
+            metrics.flush()
     except (KeyboardInterrupt, SystemExit) as e:
         run.finish("interrupted", _error("train", e))
         _write_html(run)

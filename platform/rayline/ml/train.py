@@ -151,6 +151,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 samples=len(y_tr) * world,
             )
             history.append(metrics)
+            if rank == 0:
+                from .. import metrics as rl_metrics
+
+                rl_metrics.train_epoch(
+                    config.get("model_name", "model"),
+                    config.get("run_name", ""),
+                    metrics.get("loss", float("nan")),
+                    metrics.get("val_loss"),
+                    metrics["epoch_seconds"],
+                )
             with tempfile.TemporaryDirectory() as tmp:
                 _save(self.model, pre, history, epoch, params, Path(tmp))
                 rt.report(
@@ -233,6 +243,8 @@ def fit_keras(
             "params": params,
             "threads": threads,
             "seed": ml.split.seed,
+            "model_name": ml.model_name,
+            "run_name": name,
         },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, resources_per_worker={"CPU": t.cpus_per_worker}

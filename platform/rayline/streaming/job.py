@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import metrics as rl_metrics
 from ..config import PipelineSpec, QualityStage, SelectStep, TransformStage
 from ..context import RunContext
 from .spec import StreamingSpec
@@ -275,6 +276,31 @@ class StreamJob:
             if old.stem.isdigit() and int(old.stem) < batch_id - 2:
                 old.unlink(missing_ok=True)
 
+    def _lag(self, read_to: dict[int, int]) -> int | None:
+        """Input events behind the end of the topic after this micro-batch."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        try:
+            c = Consumer(
+                {
+                    "bootstrap.servers": self.s.bootstrap_servers,
+                    "group.id": "rayline-offsets",
+                    "enable.auto.commit": False,
+                }
+            )
+            try:
+                total = 0
+                for p, pos in read_to.items():
+                    _, high = c.get_watermark_offsets(
+                        TopicPartition(self.s.input_topic, p), timeout=10
+                    )
+                    total += max(0, int(high) - pos)
+                return total
+            finally:
+                c.close()
+        except Exception:  # noqa: BLE001 - lag is informative only
+            return None
+
     def process(self, batch: Any, batch_id: int) -> None:
         from pyspark.sql import functions as F
 
@@ -382,6 +408,12 @@ class StreamJob:
             preds = preds.persist()
             n_dead, n_pred = dead_out.count(), preds.count()
             n_malformed, n_rejected = malformed.count(), rejected.count()
+            read_to = {
+                int(r["p"]): int(r["o"]) + 1
+                for r in batch.groupBy(F.col("_rayline_partition").alias("p"))
+                .agg(F.max("_rayline_offset").alias("o"))
+                .collect()  # one row per input partition
+            }
             self._mark_start(batch_id)
             for df, topic in ((preds, self.s.output_topic), (dead_out, self.s.dead_letter_topic)):
                 (
@@ -403,6 +435,7 @@ class StreamJob:
             dead_out.unpersist()
         finally:
             batch.unpersist()
+        lag = self._lag(read_to)
         rep = self.report
         rep["batches"] += 1
         rep["events"] += total
@@ -415,6 +448,17 @@ class StreamJob:
         rep["replayed_records_skipped"] += len(done)
         key = f"{ref['name']}@{ref['version']}"
         rep["models"][key] = rep["models"].get(key, 0) + n_pred
+        rep["lag"] = lag
+        rl_metrics.stream_batch(
+            self.spec.name,
+            total,
+            n_pred,
+            n_dead,
+            ref["name"],
+            ref["version"],
+            time.perf_counter() - t0,
+            lag,
+        )
         rep["last_batch"] = {
             "id": batch_id,
             "events": total,

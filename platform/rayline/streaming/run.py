@@ -104,6 +104,9 @@ def run_stream(
                 if q.isActive:
                     q.stop()
             _snapshot(run, rec, job, queries)
+            from .. import metrics
+
+            metrics.flush()
 
     try:
         if spark is not None:
