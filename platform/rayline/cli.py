@@ -130,13 +130,23 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         print(f"\n{k}: {o['table']} ({o['rows']:,} rows) {o['path']}")
         for reason, cnt in sorted((o.get("reasons") or {}).items()):
             print(f"    {reason}: {cnt:,}")
+    if rec.get("models"):
+        print()
+        _print_models(rec)
+    st = rec.get("stream")
+    if st:
+        print(
+            f"\nstream: {st.get('batches', 0)} micro-batch(es), {st.get('events', 0):,} event(s), "
+            f"{st.get('predictions', 0):,} prediction(s), {st.get('dead_letters', 0):,} dead "
+            f"letter(s), {st.get('late_events', 0):,} late; by model: {st.get('models', {})}"
+        )
     if rec.get("error"):
         e = rec["error"]
         print(f"\nerror in stage {e.get('stage')}: {e.get('type')}: {e.get('message')}")
         print(f"resume with: rayline run {rec.get('spec_path') or 'SPEC'} --resume {rec['run_id']}")
     html = store.run_dir(rec["run_id"]) / "report.html"
     if html.exists():
-        print(f"\nreport: {html}")
+        print(f"\nreport: {html.resolve().as_uri()}")
     return 0
 
 
