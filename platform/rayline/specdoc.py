@@ -11,6 +11,7 @@ from pydantic_core import PydanticUndefined
 
 from . import config as c
 from .ml import spec as ml_spec
+from .streaming import spec as stream_spec
 
 __all__ = ["render"]
 
@@ -71,6 +72,7 @@ SECTIONS: list[tuple[str, list[type[BaseModel]]]] = [
             ml_spec.GateSpec,
         ],
     ),
+    ("Streaming (`streaming:`)", [stream_spec.StreamingSpec, stream_spec.WindowSpec]),
 ]
 
 
@@ -142,7 +144,7 @@ def render() -> str:
         "# Pipeline spec reference",
         "",
         "Generated from the pydantic models in `platform/rayline/config.py` and "
-        "`platform/rayline/ml/spec.py` by "
+        "`platform/rayline/ml/spec.py` and `platform/rayline/streaming/spec.py` by "
         "`python -m rayline.specdoc`; a test fails when this file is out of date. "
         "`${VAR}` and `${VAR:-default}` in values are expanded from the environment. "
         "Unknown keys are errors.",
