@@ -182,8 +182,8 @@ def tail(
                 continue
             err = m.error()
             if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
+                if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                    continue  # nothing (yet): wait until the timeout
                 raise RuntimeError(f"tail {topic}: {err}")
             idle_since = time.perf_counter()
             n += 1
