@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# The main job: set up, fetch the example data, run the flights pipeline on a local Ray.
+# The main job: the whole platform on this machine (scripts/demo.sh): set-up, a local Ray
+# cluster, the flights pipeline + training + tuning + registration as a Ray job, serve deploy of
+# the champion with real predictions, and a Kafka streaming replay scored end to end.
+# `scripts/run_example.sh --batch-only` runs just the batch pipeline on a new local Ray.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh examples
-[ -f data/nycflights13/flights.csv ] || .venv/bin/python scripts/example_data.py
-exec .venv/bin/rayline run pipelines/flights.yaml "$@"
+if [ "${1:-}" = "--batch-only" ]; then
+  shift
+  scripts/setup.sh examples
+  [ -f data/nycflights13/flights.csv ] || .venv/bin/python scripts/example_data.py
+  exec .venv/bin/rayline run pipelines/flights.yaml "$@"
+fi
+exec scripts/demo.sh "$@"

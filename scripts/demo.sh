@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The whole platform on this machine, as on a cluster: a local Ray cluster (dashboard on
+# 127.0.0.1:8265), the flights pipeline + training (Ray Train, a small Ray Tune sweep, the Spark
+# GBT challenger) + registration and promotion as one Ray job, `serve deploy` of the champion
+# with a few real predictions, then a Kafka broker and a short streaming replay scored end to
+# end as a second Ray job. The cluster, the endpoint and the broker stay up at the end so you can
+# look around; the last lines say how to stop them.
+#
+#   scripts/demo.sh            (scripts/run_example.sh runs this)
+# Settings: RAYLINE_DEMO_EVENTS (streamed events, default 2000), RAYLINE_TUNE_SAMPLES (trials, 3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$PWD"
+t_start=$(date +%s)
+step() { printf '\n== [%s, %ds] %s\n' "$(date +%H:%M:%S)" $(( $(date +%s) - t_start )) "$*"; }
+
+step "set-up (.venv, pinned dependencies, example data)"
+scripts/setup.sh dev
+[ -f data/nycflights13/flights.csv ] || .venv/bin/python scripts/example_data.py
+export PATH="$root/.venv/bin:$PATH"
+export RAY_AUTH_MODE=token
+addr="http://127.0.0.1:${RAYLINE_DASHBOARD_PORT:-8265}"
+events="${RAYLINE_DEMO_EVENTS:-2000}"
+
+step "local Ray cluster"
+scripts/cluster.sh up
+
+env_json=$(python - <<EOF
+import json
+print(json.dumps({"env_vars": {
+    "RAYLINE_DATA_DIR": "$root/data",
+    "RAYLINE_WAREHOUSE": "$root/warehouse",
+    "RAYLINE_RUN_STORE": "$root/runs",
+    "RAYLINE_REGISTRY": "$root/registry",
+    "RAYLINE_STREAM_CHECKPOINTS": "$root/checkpoints",
+    "RAYLINE_TUNE_SAMPLES": "${RAYLINE_TUNE_SAMPLES:-3}",
+    "RAYLINE_METRICS_FLUSH_SECONDS": "12",
+}}))
+EOF
+)
+
+job() {  # job NAME ARGS...: submit a workload as a Ray job and follow its logs until it ends
+  local name="$1"; shift
+  local out
+  for _ in $(seq 1 30); do  # the job agent may need a few seconds after `ray start`
+    if out=$(ray job submit --address "$addr" --no-wait --working-dir . \
+        --runtime-env-json "$env_json" --submission-id "rayline-$name-$(date +%s)" -- "$@" 2>&1); then
+      break
+    fi
+    grep -q "No available agent" <<<"$out" || { echo "$out" >&2; exit 1; }
+    sleep 3
+  done
+  local id
+  id=$(grep -o "rayline-$name-[0-9]*" <<<"$out" | head -1)
+  echo "job $id (Jobs view: $addr/#/jobs)"
+  ray job logs --address "$addr" --follow "$id" | grep -E --line-buffered \
+    "INFO (\[|run |split|preprocessor|training|tuning|trial|evaluated|promoted|published|Spark GBT|handoff)|model:|report:|succeeded|WARNING rayline|error" || true
+  local status
+  status=$(ray job status --address "$addr" "$id" 2>&1 | tr -d '\033' | grep -oiE "succeeded|failed|stopped" | tail -1)
+  [ "${status,,}" = "succeeded" ] || { echo "job $id: $status; see: ray job logs --address $addr $id" >&2; exit 1; }
+}
+
+step "Ray job 1: the flights pipeline, then train + tune + Spark challenger, evaluate, register, gate"
+job pipeline-train python workloads/train.py --with-pipeline --spec pipelines/flights.yaml
+rayline models list --registry "$root/registry"
+
+step "serve deploy: the champion behind Ray Serve on 127.0.0.1:8000"
+python - <<EOF
+import yaml
+cfg = yaml.safe_load(open("serve_configs/flights.yaml"))
+cfg["applications"][0]["args"]["registry"] = "$root/registry"
+open("$root/.cache/serve-flights.yaml", "w").write(yaml.safe_dump(cfg, sort_keys=False))
+EOF
+serve deploy "$root/.cache/serve-flights.yaml" --address "$addr"
+for _ in $(seq 1 120); do
+  curl -sf http://127.0.0.1:8000/readyz >/dev/null 2>&1 && break
+  sleep 2
+done
+curl -sf http://127.0.0.1:8000/readyz >/dev/null || { echo "serving did not become ready" >&2; serve status --address "$addr" >&2; exit 1; }
+rows=$(python - <<'EOF'
+import json
+import pandas as pd
+df = pd.read_csv("data/nycflights13/flights.csv", na_values=["NA"]).dropna().sample(3, random_state=7)
+weather = pd.read_csv("data/nycflights13/weather.csv", na_values=["NA"])
+df = df.merge(weather[["origin", "year", "month", "day", "hour", "temp", "humid", "wind_speed", "precip", "visib"]],
+              on=["origin", "year", "month", "day", "hour"], how="left")
+df["day_of_week"] = pd.to_datetime(df[["year", "month", "day"]]).dt.dayofweek.add(1) % 7 + 1
+cols = ["dep_delay", "sched_dep_time", "distance", "hour", "month", "day_of_week", "temp", "humid",
+        "wind_speed", "precip", "visib", "carrier", "origin", "dest"]
+print(json.dumps([{k: (None if pd.isna(v) else (v.item() if hasattr(v, "item") else v))
+                   for k, v in r.items()} for r in df[cols + ["arr_delay"]].to_dict("records")]))
+EOF
+)
+echo "three real flights (arr_delay is the truth, not sent to the model):"
+python -c "import json,sys; [print('  ', r) for r in json.loads(sys.argv[1])]" "$rows"
+rayline predict flights_arr_delay "$(python -c "import json,sys; print(json.dumps([{k: v for k, v in r.items() if k != 'arr_delay'} for r in json.loads(sys.argv[1])]))" "$rows")"
+
+step "Kafka broker, and $events flights replayed as events"
+scripts/kafka.sh start
+RAYLINE_DATA_DIR="$root/data" rayline stream replay flights --spec pipelines/flights.yaml \
+  --topic flights-events --limit "$events" --rate 2000
+
+step "Ray job 2: the streaming job scores the events with the champion (available-now)"
+job stream python workloads/stream_pipeline.py --spec pipelines/flights.yaml --available-now
+echo "three predictions from the topic flights-predictions:"
+rayline stream tail flights-predictions --limit 3 --timeout 5
+
+step "done in $(( $(date +%s) - t_start ))s"
+echo "runs and their HTML reports:  rayline runs list --run-store $root/runs; rayline runs show RUN_ID"
+ls -1d "$root"/runs/*/report.html 2>/dev/null | tail -3 | sed 's/^/  file:\/\//'
+echo "dashboard (jobs, Serve, metrics):  $addr"
+echo "predict:  rayline predict flights_arr_delay ROWS_JSON   (API: http://127.0.0.1:8000/docs)"
+echo "stop:     serve shutdown --address $addr -y; scripts/kafka.sh stop; scripts/cluster.sh down"
