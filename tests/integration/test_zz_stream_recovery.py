@@ -4,6 +4,7 @@ under it; in the end every input event has exactly one output record."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,10 +38,8 @@ def start_job(spec_path, log, *extra):
 
 
 def kill_group(p, sig=signal.SIGKILL):
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, sig)
-    except ProcessLookupError:
-        pass
     p.wait(timeout=120)
 
 
@@ -73,10 +72,17 @@ def test_killed_job_and_restarted_broker_lose_and_duplicate_nothing(spark, kafka
     raw["run_store"] = str(tmp_path / "runs")
     raw["session"]["app_name"] = "rayline-recovery"
     s = raw["streaming"]
-    s.update(bootstrap_servers=kafka, input_topic=f"in-{tag}", output_topic=f"out-{tag}",
-             dead_letter_topic=f"dlq-{tag}", checkpoint_location=str(tmp_path / "cp"),
-             model="stream_model@champion", registry=str(registry),
-             max_offsets_per_trigger=250, trigger_seconds=1)
+    s.update(
+        bootstrap_servers=kafka,
+        input_topic=f"in-{tag}",
+        output_topic=f"out-{tag}",
+        dead_letter_topic=f"dlq-{tag}",
+        checkpoint_location=str(tmp_path / "cp"),
+        model="stream_model@champion",
+        registry=str(registry),
+        max_offsets_per_trigger=250,
+        trigger_seconds=1,
+    )
     s.pop("window")
     spec_path = tmp_path / "stream.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
@@ -97,8 +103,13 @@ def test_killed_job_and_restarted_broker_lose_and_duplicate_nothing(spark, kafka
     try:
         wait_for(lambda: len(outputs(s, kafka)) > written, 400, "progress after the restart")
         env = {**os.environ, "RAYLINE_KAFKA_PORT": KAFKA_PORT}
-        r = subprocess.run([str(ROOT / "scripts" / "kafka.sh"), "restart"], env=env,
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [str(ROOT / "scripts" / "kafka.sh"), "restart"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         time.sleep(10)
