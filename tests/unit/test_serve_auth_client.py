@@ -42,7 +42,8 @@ H1, H2 = hash_key("one"), hash_key("two")
     "text, message",
     [
         ("keys: 3", "expected a list"),
-        ("[{id: a}]", "sha256 must be 64 hex digits"),
+        ("[{id: a}]", "sha256 must be a string of 64 hex digits"),
+        ("[{id: a, sha256: 1234}]", "quote it in YAML"),
         ("[{id: a, sha256: my-secret-key}]", "never the key itself"),
         (f"[{{sha256: {H1}}}]", "needs an id"),
         (f"[{{id: a, sha256: {H1}, model: [x]}}]", "unknown field"),

@@ -30,9 +30,10 @@ def test_flights_config_is_a_valid_serve_deploy_config():
     assert [m.name for m in args.models] == ["flights_arr_delay"]
     by_name = {d.name: d for d in app.deployments}
     # every override names a deployment the builder creates
-    assert set(by_name) == {"ingress"} | {m.deployment_name for m in args.models}
-    for m in args.models:
-        d = by_name[m.deployment_name]
+    models = {m.deployment_name for m in args.models} if args.mode == "split" else set()
+    assert set(by_name) == {"ingress"} | models
+    for name in models or {"ingress"}:
+        d = by_name[name]
         # Serve caps a batch at max_ongoing_requests
         assert d.max_ongoing_requests >= args.batching.max_batch_size
         auto = d.autoscaling_config
@@ -91,7 +92,7 @@ def _register(tmp_path, name="m"):
     return reg
 
 
-def test_app_builder_builds_ingress_and_one_deployment_per_model(tmp_path):
+def _built(tmp_path, mode):
     from ray.serve._private.build_app import build_app as serve_build
 
     from rayline.serve import app_builder
@@ -103,16 +104,32 @@ def test_app_builder_builds_ingress_and_one_deployment_per_model(tmp_path):
             "registry": str(tmp_path / "reg"),
             "models": [{"name": "a"}, {"name": "b", "ref": 1}],
             "batching": {"max_batch_size": 32},
+            "mode": mode,
         }
     )
     built = serve_build(app, name="t")
-    deps = {d.name: d for d in built.deployments}
-    assert set(deps) == {"ingress", "model-a", "model-b"}
     assert built.ingress_deployment_name == "ingress"
+    return {d.name: d for d in built.deployments}
+
+
+def test_app_builder_split_builds_one_deployment_per_model(tmp_path):
+    deps = _built(tmp_path, "split")
+    assert set(deps) == {"ingress", "model-a", "model-b"}
     model_b = deps["model-b"]
     assert model_b._deployment_config.max_ongoing_requests >= 32
     assert model_b._deployment_config.user_config["ref"] == "1"
     assert model_b._deployment_config.user_config["max_batch_size"] == 32
+
+
+def test_app_builder_fused_loads_the_models_in_the_ingress(tmp_path):
+    deps = _built(tmp_path, "fused")
+    assert set(deps) == {"ingress"}
+    ingress = deps["ingress"]
+    assert ingress._deployment_config.max_ongoing_requests >= 32
+    models = ingress.init_args[0]
+    assert set(models) == {"a", "b"} and models["b"]["config"]["ref"] == "1"
+    env = ingress.ray_actor_options["runtime_env"]["env_vars"]
+    assert env["TF_USE_LEGACY_KERAS"] == "1"
 
 
 def test_app_builder_fails_fast_on_an_unknown_model_or_alias(tmp_path):

@@ -65,11 +65,11 @@ def binary(tmp_path):
 
 def serve(loaded, body, max_rows=100):
     """What the replica does for one request (no batching)."""
-    frame, extra = loaded.check(json.dumps(body).encode(), max_rows)
-    if frame is None:
-        return extra
-    scored = loaded.score(frame)
-    doc, flags = loaded.answer(scored, 0, len(frame), frame, extra)
+    checked, error = loaded.check(json.dumps(body).encode(), max_rows)
+    if checked is None:
+        return error
+    scored = loaded.score([checked])
+    doc, flags = loaded.answer(scored, 0, checked)
     return 200, doc
 
 
@@ -129,25 +129,25 @@ def test_too_many_rows_is_413(regression):
 
 def test_rows_split_back_from_a_batch(regression):
     """The replica scores several requests in one model call and answers each its slice."""
-    import pandas as pd
-
-    f1, w1 = regression.check(b'[{"x": 1, "c": "a"}]', 10)
-    f2, w2 = regression.check(b'[{"x": -1, "c": "a"}, {"x": 1, "c": "zz"}]', 10)
-    scored = regression.score(pd.concat([f1, f2], ignore_index=True))
-    a, _ = regression.answer(scored, 0, 1, f1, w1)
-    b, flags = regression.answer(scored, 1, 3, f2, w2)
+    c1, _ = regression.check(b'[{"x": 1, "c": "a"}]', 10)
+    c2, _ = regression.check(b'[{"x": -1, "c": "a"}, {"x": 1, "c": "zz"}]', 10)
+    scored = regression.score([c1, c2])
+    assert len(scored.outputs["prediction"]) == 3
+    a, _ = regression.answer(scored, 0, c1)
+    b, flags = regression.answer(scored, 1, c2)
     assert [p["prediction"] for p in a["predictions"]] == [1.0]
     assert [p["prediction"] for p in b["predictions"]] == [-1.0, 1.0]
     assert b["predictions"][1]["warnings"][0]["row"] == 1  # the row within its own request
+    assert "'zz' was not seen" in b["predictions"][1]["warnings"][0]["msg"]
     assert flags["unknown_category"] == 1
 
 
 def test_a_non_finite_prediction_is_null_and_flagged(regression):
     from rayline.serve.scoring import Scored
 
-    frame, warnings = regression.check(b'{"x": 1, "c": "a"}', 10)
+    checked, _ = regression.check(b'{"x": 1, "c": "a"}', 10)
     scored = Scored({"prediction": np.array([np.nan])}, {"c": np.array([False])})
-    doc, flags = regression.answer(scored, 0, 1, frame, warnings)
+    doc, flags = regression.answer(scored, 0, checked)
     assert doc["predictions"][0]["prediction"] is None
     assert doc["predictions"][0]["warnings"][0]["type"] == "non_finite_prediction"
     assert flags["non_finite_prediction"] == 1

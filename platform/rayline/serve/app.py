@@ -1,7 +1,8 @@
 """The application builder ``rayline.serve:app_builder``, referenced from a Serve config.
 
-It binds one :class:`~rayline.serve.model.ModelServer` deployment per model (named
-``model-<name>``) and the :class:`~rayline.serve.ingress.Ingress` in front. Deployment options
+It binds the :class:`~rayline.serve.ingress.Ingress` deployment (named ``ingress``) with each
+model's :class:`~rayline.serve.model.ModelServer` loaded in it (``mode: fused``, the default),
+or bound as a deployment of its own named ``model-<name>`` (``mode: split``). Deployment options
 set here are defaults; a config's ``deployments:`` entries (autoscaling, resources,
 ``max_ongoing_requests``, ``user_config``) override them by name.
 """
@@ -57,11 +58,13 @@ def build_app(
         args: The application arguments.
         check: Resolve every model's ref in the registry first (fail fast on a typo).
         model_options: Deployment options for every model deployment over the defaults (e.g.
-            ``{"num_replicas": 2}``); a Serve config's ``deployments:`` does the same by name.
+            ``{"num_replicas": 2}``; split mode); a Serve config's ``deployments:`` does the
+            same by name.
         ingress_options: Deployment options for the ingress over the defaults.
 
     Returns:
-        The application (ingress bound to one deployment per model).
+        The application: the ingress, with the models loaded in it (fused) or bound to one
+        deployment per model (split).
 
     Raises:
         ValueError: a model or ref does not resolve.
@@ -74,7 +77,7 @@ def build_app(
     keys = (
         None if keyring is None else [k.__dict__ | {"models": list(k.models)} for k in keyring.keys]
     )
-    handles = {}
+    models: dict[str, Any] = {}
     for m in args.models:
         cfg = ModelConfig(
             ref=m.ref,
@@ -83,6 +86,14 @@ def build_app(
             poll_interval_s=args.poll_interval_s,
             max_rows=args.limits.max_rows,
         ).model_dump()
+        if args.mode == "fused":  # loaded by each ingress replica
+            models[m.name] = {
+                "registry": registry,
+                "name": m.name,
+                "config": cfg,
+                "threads": args.threads,
+            }
+            continue
         options = _options(
             {
                 # Serve caps a batch at max_ongoing_requests; leave room for the next batch.
@@ -96,13 +107,17 @@ def build_app(
         deployment = serve.deployment(name=m.deployment_name, user_config=cfg, **options)(
             ModelServer
         )
-        handles[m.name] = deployment.bind(registry, m.name, cfg, args.threads)
+        models[m.name] = deployment.bind(registry, m.name, cfg, args.threads)
+    actor: dict[str, Any] = {"num_cpus": 0.25}
+    if args.mode == "fused":
+        actor = {"num_cpus": 0.5, "runtime_env": {"env_vars": _ENV}}
     options = _options(
-        {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 0.25}}, ingress_options
+        {"max_ongoing_requests": 512, "ray_actor_options": actor, "health_check_period_s": 5},
+        ingress_options,
     )
     ingress = serve.deployment(name=INGRESS_NAME, **options)(Ingress)
     return ingress.bind(
-        handles, registry, keys, args.limits.max_body_bytes, args.limits.request_timeout_s
+        models, registry, keys, args.limits.max_body_bytes, args.limits.request_timeout_s
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -147,6 +148,13 @@ class ServeArgs(_Args):
     batching: BatchingArgs = Field(default_factory=BatchingArgs, description="Batching.")
     auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys.")
     limits: LimitsArgs = Field(default_factory=LimitsArgs, description="Request bounds.")
+    mode: Literal["fused", "split"] = Field(
+        "fused",
+        description="fused: the models are loaded in the ingress replicas (one deployment, no "
+        "actor call between HTTP and the model: the fast path). split: one deployment per "
+        "model behind the ingress (models scale and are placed apart from the HTTP layer; one "
+        "more actor call per request).",
+    )
     poll_interval_s: float = Field(
         2.0,
         ge=0,

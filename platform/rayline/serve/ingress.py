@@ -35,6 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from ..ml.registry import ModelRegistry, RegistryError
 from .auth import ApiKey, KeyRing
 from .metrics import IngressMetrics
+from .model import ModelServer
 from .validation import row_json_schema
 
 __all__ = ["Ingress", "api"]
@@ -114,6 +115,42 @@ _PREDICT_BODY = {
     }
 }
 
+
+class _Remote:
+    """A model served by its own deployment (one actor call per request)."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    async def predict(self, body: bytes) -> tuple[int, bytes]:
+        result: tuple[int, bytes] = await self._handle.predict.remote(body)
+        return result
+
+    async def ready(self) -> dict[str, Any]:
+        ready: dict[str, Any] = await self._handle.ready.remote()
+        return ready
+
+    async def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = await self._handle.info.remote()
+        return info
+
+
+class _Local:
+    """A model loaded in the ingress replica itself (no actor call per request)."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self._server = server
+
+    async def predict(self, body: bytes) -> tuple[int, bytes]:
+        return await self._server.predict(body)
+
+    async def ready(self) -> dict[str, Any]:
+        return self._server.ready()
+
+    async def info(self) -> dict[str, Any]:
+        return self._server.info()
+
+
 api = FastAPI(
     title="Rayline model serving",
     version="1",
@@ -131,7 +168,8 @@ class Ingress:
     """The HTTP front of the application (deployed by :func:`rayline.serve.app_builder`).
 
     Args:
-        models: The model deployments by model name.
+        models: By model name, the model's deployment (a handle), or the arguments of a
+            :class:`~rayline.serve.model.ModelServer` to load it in this replica ("fused").
         registry: The registry path or URI (for ``GET /v1/models``).
         keys: API key entries (``id``, ``sha256``, ``models``); None: no auth.
         max_body_bytes: Largest body accepted.
@@ -140,13 +178,16 @@ class Ingress:
 
     def __init__(
         self,
-        models: dict[str, DeploymentHandle],
+        models: dict[str, DeploymentHandle | dict[str, Any]],
         registry: str,
         keys: list[dict[str, Any]] | None,
         max_body_bytes: int,
         request_timeout_s: float,
     ) -> None:
-        self._models = models
+        self._models = {
+            name: _Remote(m) if isinstance(m, DeploymentHandle) else _Local(ModelServer(**m))
+            for name, m in models.items()
+        }
         self._registry = registry
         self._keys = None if keys is None else KeyRing([ApiKey(**k) for k in keys])
         self._max_body = max_body_bytes
@@ -217,8 +258,8 @@ class Ingress:
         denied = self._deny(request, name)
         if denied is not None:
             return denied
-        handle = self._models.get(name)
-        if handle is None:
+        model = self._models.get(name)
+        if model is None:
             return self._unknown(name), "not_found"
         body = await self._read_body(request)
         if body is None:
@@ -231,7 +272,7 @@ class Ingress:
             }
             return _json(413, {"detail": [detail]}), "too_large"
         try:
-            status, payload = await self._call(handle, body)
+            status, payload = await self._call(model, body)
         except TimeoutError:
             msg = f"model {name!r} did not answer within {self._timeout:g}s"
             return _json(504, {"detail": msg}), "timeout"
@@ -267,15 +308,13 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _call(self, handle: DeploymentHandle, body: bytes) -> tuple[int, bytes]:
+    async def _call(self, model: _Remote | _Local, body: bytes) -> tuple[int, bytes]:
         """The model replica's answer; a replica that dies under the request is retried."""
         deadline = time.monotonic() + self._timeout
         for attempt in range(1, _RETRIES + 1):
             try:
                 remaining = max(0.001, deadline - time.monotonic())
-                result: tuple[int, bytes] = await asyncio.wait_for(
-                    handle.predict.remote(body), remaining
-                )
+                result: tuple[int, bytes] = await asyncio.wait_for(model.predict(body), remaining)
                 return result
             except _RETRYABLE:
                 if attempt == _RETRIES or time.monotonic() > deadline:
@@ -334,11 +373,11 @@ class Ingress:
         denied = self._deny(request, name)
         if denied is not None:
             return denied[0]
-        handle = self._models.get(name)
-        if handle is None:
+        model = self._models.get(name)
+        if model is None:
             return self._unknown(name)
         try:
-            info = await asyncio.wait_for(handle.info.remote(), self._timeout)
+            info = await asyncio.wait_for(model.info(), self._timeout)
         except (TimeoutError, *_RETRYABLE, *_UNAVAILABLE):
             return _json(503, {"detail": f"model {name!r} is unavailable"}, {"Retry-After": "1"})
         info["row_schema"] = row_json_schema(info["signature"])
@@ -367,7 +406,7 @@ class Ingress:
     async def _ready(self, name: str) -> dict[str, Any]:
         try:
             ready: dict[str, Any] = await asyncio.wait_for(
-                self._models[name].ready.remote(), min(5.0, self._timeout)
+                self._models[name].ready(), min(5.0, self._timeout)
             )
             return ready
         except Exception as e:  # any failure means not ready; the answer says which

@@ -18,13 +18,13 @@ import logging
 import threading
 from typing import Any
 
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from ..ml.registry import ModelRegistry
 from .metrics import ModelMetrics
 from .scoring import LoadedModel, Scored, dumps, load_version
+from .validation import Checked
 
 __all__ = ["ModelConfig", "ModelServer"]
 
@@ -43,8 +43,8 @@ class ModelConfig(BaseModel):
     max_rows: int = Field(1000, ge=1, le=100_000, description="Most rows in one request.")
 
 
-def _rows(items: list[tuple[LoadedModel, pd.DataFrame]]) -> int:
-    return sum(len(frame) for _, frame in items)
+def _rows(items: list[tuple[LoadedModel, Checked]]) -> int:
+    return sum(checked.rows for _, checked in items)
 
 
 class ModelServer:
@@ -73,7 +73,12 @@ class ModelServer:
 
             use_tf_keras(threads)  # before TensorFlow starts in this process
         self._loaded: LoadedModel = load_version(self._registry, mv)
-        self._apply_batching()
+        # One batch queue per instance (several models may share a process).
+        self._score_batch = serve.batch(
+            max_batch_size=self._cfg.max_batch_size,
+            batch_wait_timeout_s=self._cfg.batch_wait_timeout_s,
+            batch_size_fn=_rows,
+        )(self._score_items)
         self._poller = threading.Thread(
             target=self._follow, name=f"rayline-follow-{name}", daemon=True
         )
@@ -92,8 +97,9 @@ class ModelServer:
             self._refresh()
 
     def _apply_batching(self) -> None:
-        self._score_batch.set_max_batch_size(self._cfg.max_batch_size)  # type: ignore[attr-defined]
-        self._score_batch.set_batch_wait_timeout_s(self._cfg.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        batch: Any = self._score_batch
+        batch.set_max_batch_size(self._cfg.max_batch_size)
+        batch.set_batch_wait_timeout_s(self._cfg.batch_wait_timeout_s)
 
     def _refresh(self) -> bool:
         """Load the version the ref names now, if it is not the one served; True if swapped."""
@@ -146,32 +152,31 @@ class ModelServer:
         Bad input is answered (413/422), never raised.
         """
         loaded = self._loaded  # the version this request is checked against and scored by
-        frame, extra = loaded.check(body, self._cfg.max_rows)
-        if frame is None:
-            status, doc = extra
+        checked, error = loaded.check(body, self._cfg.max_rows)
+        if checked is None:
+            status, doc = error
             return status, dumps(doc)
-        if len(frame) > self._cfg.max_batch_size:  # already a batch: score it on its own
-            scored = await asyncio.to_thread(loaded.score, frame)
-            self._metrics.batch(len(frame), loaded.version)
+        if checked.rows > self._cfg.max_batch_size:  # already a batch: score it on its own
+            scored = await asyncio.to_thread(loaded.score, [checked])
+            self._metrics.batch(checked.rows, loaded.version)
             start = 0
         else:
-            scored, start = await self._score_batch((loaded, frame))
-        doc, flags = loaded.answer(scored, start, start + len(frame), frame, extra)
+            scored, start = await self._score_batch((loaded, checked))
+        doc, flags = loaded.answer(scored, start, checked)
         self._metrics.flags(flags)
         return 200, dumps(doc)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, batch_size_fn=_rows)
-    async def _score_batch(
-        self, items: list[tuple[LoadedModel, pd.DataFrame]]
+    async def _score_items(
+        self, items: list[tuple[LoadedModel, Checked]]
     ) -> list[tuple[Scored, int]]:
-        results, sizes = await asyncio.to_thread(_score_items, items)
+        results, sizes = await asyncio.to_thread(_score_groups, items)
         for version, rows in sizes:
             self._metrics.batch(rows, version)
         return results
 
 
-def _score_items(
-    items: list[tuple[LoadedModel, pd.DataFrame]],
+def _score_groups(
+    items: list[tuple[LoadedModel, Checked]],
 ) -> tuple[list[tuple[Scored, int]], list[tuple[int, int]]]:
     """One model call per version in the batch (one, except right after an alias move)."""
     results: list[Any] = [None] * len(items)
@@ -181,12 +186,11 @@ def _score_items(
     sizes = []
     for ks in groups.values():
         loaded = items[ks[0]][0]
-        frames = [items[k][1] for k in ks]
-        frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-        scored = loaded.score(frame)
-        sizes.append((loaded.version, len(frame)))
+        batch = [items[k][1] for k in ks]
+        scored = loaded.score(batch)
         offset = 0
-        for k in ks:
+        for k, checked in zip(ks, batch, strict=True):
             results[k] = (scored, offset)
-            offset += len(items[k][1])
+            offset += checked.rows
+        sizes.append((loaded.version, offset))
     return results, sizes

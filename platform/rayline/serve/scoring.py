@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from ..ml.models import Model, load_model
 from ..ml.registry import ModelRegistry, ModelVersion
-from .validation import BodyError, Issue, RowValidator, parse_body
+from .validation import BodyError, Checked, Issue, RowValidator, merge, parse_body
 
 __all__ = ["LoadedModel", "Scored", "load_version", "dumps"]
 
@@ -92,8 +91,9 @@ class LoadedModel:
 
     # -- the request path -------------------------------------------------------------------
 
-    def check(self, body: bytes, max_rows: int) -> tuple[pd.DataFrame | None, Any]:
-        """Parse and check a body: ``(frame, warnings)`` if valid, else ``(None, (status, doc))``."""
+    def check(self, body: bytes, max_rows: int) -> tuple[Checked | None, Any]:
+        """Parse and check a body: ``(checked rows, None)`` if valid, else
+        ``(None, (status, error document))``."""
         try:
             rows = parse_body(body, max_rows)
         except BodyError as e:
@@ -101,7 +101,7 @@ class LoadedModel:
         checked = self.validator.check(rows)
         if not checked.ok:
             return None, (422, self._error_doc(checked.errors))
-        return checked.frame(self.validator.numbers), checked.warnings
+        return checked, None
 
     def _error_doc(self, issues: list[Issue]) -> dict[str, Any]:
         return {
@@ -110,20 +110,19 @@ class LoadedModel:
             "version": self.version,
         }
 
-    def score(self, frame: pd.DataFrame) -> Scored:
-        """The model's predictions for a frame of checked rows (one call of the model)."""
+    def score(self, batch: list[Checked]) -> Scored:
+        """The model's predictions for checked requests, in one call of the model."""
+        frame = merge(batch).frame(self.validator.numbers)
         outputs = self.model.predict(frame)
         return Scored(outputs, self.model.pre.unknown_categories(frame))
 
     def answer(
-        self,
-        scored: Scored,
-        start: int,
-        stop: int,
-        frame: pd.DataFrame,
-        warnings: list[list[Issue]],
+        self, scored: Scored, start: int, checked: Checked
     ) -> tuple[dict[str, Any], dict[str, int]]:
-        """The 200 answer for rows ``start:stop`` of a scored batch, and counts of flags."""
+        """The 200 answer for a request whose rows start at ``start`` in a scored batch, and
+        counts of the flags raised."""
+        stop = start + checked.rows
+        warnings = checked.warnings
         out = scored.outputs
         pred = out["prediction"][start:stop]
         prob = out.get("probability")
@@ -153,7 +152,7 @@ class LoadedModel:
                     }
             for col, mask in scored.unknown.items():
                 if mask[j]:
-                    value = frame[col].iloc[i]
+                    value = checked.columns[col][i]
                     notes.append(
                         _note(
                             i,
@@ -179,16 +178,10 @@ def _finite(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _warm_up(model: Model, names: list[str], numbers: list[str]) -> None:
+def _warm_up(loaded: LoadedModel) -> None:
     """Trace the model's compiled function for a few batch shapes before it takes traffic."""
     for n in (1, 2, 3):
-        frame = pd.DataFrame(
-            {
-                c: np.full(n, np.nan) if c in numbers else pd.Series([None] * n, dtype=object)
-                for c in names
-            }
-        )
-        model.predict(frame)
+        loaded.score([loaded.validator.check([dict.fromkeys(loaded.validator.names)] * n)])
 
 
 def load_version(registry: ModelRegistry, mv: ModelVersion) -> LoadedModel:
@@ -201,7 +194,7 @@ def load_version(registry: ModelRegistry, mv: ModelVersion) -> LoadedModel:
     t0 = time.perf_counter()
     path = registry.local_path(mv)
     loaded = LoadedModel(mv.name, mv.version, load_model(path), dict(mv.metadata))
-    _warm_up(loaded.model, loaded.validator.names, loaded.validator.numbers)
+    _warm_up(loaded)
     log.info(
         "loaded model %s version %d (%s) in %.1fs",
         mv.name,

@@ -33,6 +33,7 @@ __all__ = [
     "Checked",
     "Issue",
     "RowValidator",
+    "merge",
     "parse_body",
     "row_json_schema",
     "MAX_ISSUES",
@@ -173,6 +174,10 @@ class Checked:
     def ok(self) -> bool:
         return not self.errors
 
+    @property
+    def rows(self) -> int:
+        return len(self.warnings)
+
     def frame(self, numbers: list[str]) -> pd.DataFrame:
         """The rows as a DataFrame: ``numbers`` as float64 (null -> NaN), the rest as objects."""
         data: dict[str, Any] = {}
@@ -184,6 +189,19 @@ class Checked:
             else:
                 data[name] = pd.Series(values, dtype=object)
         return pd.DataFrame(data)
+
+
+def merge(batch: list[Checked]) -> Checked:
+    """Valid requests as one: columns and warnings concatenated in order."""
+    if len(batch) == 1:
+        return batch[0]
+    columns: dict[str, list[Any]] = {name: [] for name in batch[0].columns}
+    warnings: list[list[Issue]] = []
+    for c in batch:
+        for name, values in c.columns.items():
+            columns[name].extend(values)
+        warnings.extend(c.warnings)
+    return Checked([], warnings, columns)
 
 
 class RowValidator:

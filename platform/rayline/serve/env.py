@@ -1,0 +1,93 @@
+"""The Ray Serve settings of Rayline's fast path, as environment variables of the Ray cluster.
+
+Ray Serve reads these when its controller, proxies and replicas start, so they belong in the
+environment of whatever starts Ray (``serve run`` on a local Ray, ``ray start`` on a cluster),
+not in a Serve config:
+
+- ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``: direct ingress (each ingress replica serves HTTP itself:
+  no proxy actor between the client and the replica), gRPC between deployments, user code on
+  the replica's event loop, buffered request logs.
+- ``RAY_SERVE_ENABLE_HA_PROXY=1``: HAProxy on ``http_options`` host and port balances over the
+  ingress replicas' own ports (and health-checks them).
+- ``RAY_SERVE_HAPROXY_RETRY_ON=conn-failure empty-response``: a request whose replica died
+  before answering is sent again to another replica (predictions are idempotent).
+- HAProxy's files (config, admin socket, server state) in a directory of this instance, and its
+  stats and metrics ports: the defaults (``/tmp/haproxy-serve``, 8404, 9101) are shared by every
+  Ray instance on the machine. HAProxy binds those two ports on all interfaces.
+
+Usage::
+
+    eval "$(python -m rayline.serve.env)"
+    serve run serve_configs/flights.yaml
+
+Example:
+    >>> env = throughput_env("/tmp/rl-serve", stats_port=18404, metrics_port=19101)
+    >>> env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]
+    '/tmp/rl-serve/haproxy.cfg'
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["throughput_env"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def throughput_env(
+    state_dir: str | os.PathLike[str] | None = None,
+    stats_port: int | None = None,
+    metrics_port: int | None = None,
+) -> dict[str, str]:
+    """The environment of the fast path (see the module docstring).
+
+    Args:
+        state_dir: HAProxy's directory (default: a new temporary one). Keep its path short:
+            HAProxy's admin socket goes in a subdirectory and a socket path has at most 107
+            characters.
+        stats_port: HAProxy's stats port (default: a free one).
+        metrics_port: HAProxy's Prometheus port (default: a free one).
+
+    Returns:
+        Variable -> value, to merge into ``os.environ`` before Ray starts.
+    """
+    d = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="rayline-haproxy-"))
+    return {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(d / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(d / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(d),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(d / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port or _free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port or _free_port()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print ``export`` lines of :func:`throughput_env` for a shell's ``eval``."""
+    p = argparse.ArgumentParser(prog="python -m rayline.serve.env", description=__doc__)
+    p.add_argument("--state-dir", help="HAProxy's directory (default: a new temporary one)")
+    p.add_argument("--stats-port", type=int, help="HAProxy's stats port (default: a free one)")
+    p.add_argument("--metrics-port", type=int, help="HAProxy's metrics port (default: a free one)")
+    args = p.parse_args(argv)
+    env = throughput_env(args.state_dir, args.stats_port, args.metrics_port)
+    for key, value in env.items():
+        print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
