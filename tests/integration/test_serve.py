@@ -328,38 +328,52 @@ def test_keys_never_reach_the_logs(api):
     assert scanned > 5
 
 
-def test_concurrent_requests_share_batches(api):
+def test_concurrent_requests_share_batches_and_are_measured(api):
     from concurrent.futures import ThreadPoolExecutor
 
     def one(i):
         return post(api, "delay", [row(dep_delay=float(i))])
 
+    assert post(api, "delay", [{"dep_delay": "x"}]).status_code == 422
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(one, range(256)))
     assert [a.status_code for a in answers] == [200] * 256
     preds = [a.json()["predictions"][0]["prediction"] for a in answers]
     assert preds[100] > preds[10]  # each answer is its own row's
-    assert _metric_max(api, "ray_rayline_serve_batch_size_bucket") is not None
+    # The Ray metrics, as Prometheus scrapes them: fewer model calls than scored requests
+    # means requests shared batches.
+    deadline = time.time() + 60
+    while True:
+        text = _scrape()
+        served = _sum(text, "ray_rayline_serve_requests_total", model="delay", status="200")
+        batches = _sum(text, "ray_rayline_serve_batch_size_count", model="delay")
+        rows = _sum(text, "ray_rayline_serve_rows_total", model="delay")
+        if served >= 256 and batches > 0 and rows >= 256:
+            break
+        assert time.time() < deadline, (served, batches, rows)
+        time.sleep(2)
+    assert batches < served, (batches, served)
+    assert _sum(text, "ray_rayline_serve_request_latency_ms_count", model="delay") >= served
+    assert _sum(text, "ray_rayline_serve_errors_total", model="delay", kind="validation") > 0
 
 
-def _metric_max(api, name):
-    """Whether the Ray metrics endpoint exports ``name`` (None when no exporter runs)."""
+def _scrape() -> str:
+    """The Ray node's Prometheus metrics (exported every few seconds)."""
     import ray
 
-    node = ray._private.worker._global_node
-    port = getattr(node, "metrics_export_port", None)
-    if not port:
-        return None
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        except requests.RequestException:
-            return None
-        if name in text:
-            return text
-        time.sleep(1)
-    return None
+    port = ray._private.worker._global_node.metrics_export_port
+    return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def _sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        tags, _, value = line[len(name) + 1 :].rpartition("} ")
+        if all(f'{k}="{v}"' in tags for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 # -- fuzz: generated bodies never get a 5xx ------------------------------------------------------
