@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,7 +88,10 @@ def flights_row() -> dict:
     return row
 
 
-def test_serve_run_flights_config(tmp_path):
+@pytest.mark.parametrize("path", ["default", "fast"])
+def test_serve_run_flights_config(tmp_path, path):
+    """`serve run` as the docs give it: plain, and after `eval "$(python -m rayline.serve.env)"`
+    (HAProxy in front of the ingress replicas)."""
     registry = tmp_path / "registry"
     register_flights_stumps(registry)
     port = free_port()
@@ -96,6 +101,17 @@ def test_serve_run_flights_config(tmp_path):
     cfg.write_text(yaml.safe_dump(config))
     env = dict(os.environ, RAYLINE_REGISTRY=str(registry), RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
+    if path == "fast":
+        exports = subprocess.run(
+            [sys.executable, "-m", "rayline.serve.env"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for line in exports.splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = shlex.split(value)[0]
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"  # a quick shutdown
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve-run.log"
     with log.open("w") as out:  # a file, not a pipe: Ray's daemons inherit the streams
@@ -169,3 +185,5 @@ def test_serve_run_flights_config(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
+        if path == "fast":
+            shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)

@@ -181,7 +181,9 @@ def _finite(x: Any) -> float | None:
 def _warm_up(loaded: LoadedModel) -> None:
     """Trace the model's compiled function for a few batch shapes before it takes traffic."""
     for n in (1, 2, 3):
-        loaded.score([loaded.validator.check([dict.fromkeys(loaded.validator.names)] * n)])
+        nulls = loaded.validator.check([dict.fromkeys(loaded.validator.names)] * n)
+        if nulls.ok:  # (every input of a Rayline preprocessor is nullable)
+            loaded.score([nulls])
 
 
 def load_version(registry: ModelRegistry, mv: ModelVersion) -> LoadedModel:
