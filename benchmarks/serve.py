@@ -149,7 +149,9 @@ def forward_throughput(model_dir: Path, seconds: float = 3.0) -> dict[str, float
 # -- the servers (each runs in its own process: `serve.py --serve SYSTEM ...`) ---------------
 
 
-def serve_rayline(registry: Path, port: int, mode: str, max_batch: int, proxy: str) -> None:
+def serve_rayline(
+    registry: Path, port: int, mode: str, max_batch: int, proxy: str, replicas: int
+) -> None:
     from rayline.serve.env import throughput_env
 
     if proxy == "haproxy":  # before Ray starts: its processes read these at start-up
@@ -178,7 +180,11 @@ def serve_rayline(registry: Path, port: int, mode: str, max_batch: int, proxy: s
         }
     )
     quiet = {"logging_config": {"enable_access_log": False, "log_level": "WARNING"}}
-    app = build_app(args, model_options=quiet, ingress_options=quiet)
+    scaled = quiet | {"num_replicas": replicas}
+    if mode == "fused":
+        app = build_app(args, ingress_options=scaled)
+    else:
+        app = build_app(args, model_options=scaled, ingress_options=quiet)
     serve.run(app, name="bench", route_prefix="/")
     print("READY", flush=True)
     try:
@@ -354,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         "Serve's default proxy actor",
     )
     p.add_argument(
+        "--rayline-replicas",
+        type=int,
+        default=1,
+        help="replicas of the deployment that scores (default 1, as the plain app's one process)",
+    )
+    p.add_argument(
         "--rayline-env",
         action="append",
         default=[],
@@ -371,7 +383,12 @@ def main(argv: list[str] | None = None) -> int:
                 key, _, value = kv.partition("=")
                 os.environ[key] = value
             serve_rayline(
-                out / "registry", args.port, args.rayline_mode, args.max_batch, args.rayline_proxy
+                out / "registry",
+                args.port,
+                args.rayline_mode,
+                args.max_batch,
+                args.rayline_proxy,
+                args.rayline_replicas,
             )
         else:
             serve_plain(out / "model", args.port, args.serve)
@@ -403,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         argv_s = ["--serve", system, "--port", str(port), "--out", str(out)]
         argv_s += ["--max-batch", str(args.max_batch), "--rayline-mode", args.rayline_mode]
         argv_s += ["--rayline-proxy", args.rayline_proxy]
+        argv_s += ["--rayline-replicas", str(args.rayline_replicas)]
         for kv in args.rayline_env:
             argv_s += ["--rayline-env", kv]
         t0 = time.time()
