@@ -1,9 +1,11 @@
-"""The model deployment: one registered model, loaded once per replica, batched with
-``@serve.batch``, following its alias in the registry.
+"""A model's server: one registered model, loaded once per replica, batched with
+``@serve.batch``, following its alias in the registry. In split mode it is a deployment of its
+own; in fused mode each ingress replica holds one per model.
 
-Settings that may change while the deployment runs arrive as the deployment's ``user_config``
-(:class:`ModelConfig`) and are applied in place by :meth:`ModelServer.reconfigure`: a new ``ref``
-(e.g. pinning a version to roll back) loads that version without restarting the replica.
+In split mode, settings that may change while the deployment runs arrive as its
+``user_config`` (:class:`ModelConfig`) and are applied in place by
+:meth:`ModelServer.reconfigure`: a new ``ref`` (e.g. pinning a version to roll back) loads that
+version without restarting the replica.
 
 Alias moves: a background thread re-reads the alias every ``poll_interval_s`` seconds; when it
 points at another version, the replica loads and warms that version, then swaps it in with one
