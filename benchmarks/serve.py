@@ -154,6 +154,7 @@ def serve_rayline(
 ) -> None:
     from rayline.serve.env import throughput_env
 
+    env: dict[str, str] = {}
     if proxy == "haproxy":  # before Ray starts: its processes read these at start-up
         env = throughput_env()
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"  # a quick shutdown
@@ -192,6 +193,10 @@ def serve_rayline(
     finally:
         serve.shutdown()
         ray.shutdown()
+        if env:
+            import shutil
+
+            shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
 
 
 def serve_plain(model_dir: Path, port: int, call: str) -> None:
