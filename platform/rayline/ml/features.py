@@ -117,6 +117,14 @@ def check_columns(schema: Any, spec: MLSpec) -> None:
         raise FeatureError(f"ml.label: regression label {spec.label!r} has type {t}, not a number")
 
 
+def _floats(col: pd.Series) -> np.ndarray:
+    """A column as float64 with NaN for nulls (non-numbers too); no conversion when it
+    already is one (the serving path's common case)."""
+    if col.dtype == np.float64:
+        return col.to_numpy()
+    return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
 def _key(v: Any) -> str:
     """Vocabulary key of a categorical value (categories are matched as text)."""
     if isinstance(v, bool | np.bool_):
@@ -254,7 +262,7 @@ class Preprocessor:
         dense = np.zeros((n, self.dense_width), dtype=np.float32)
         j = 0
         for name, s in self.numeric.items():
-            x = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            x = _floats(df[name])
             z = (x - s["mean"]) / (s["std"] or 1.0)
             z[~np.isfinite(z)] = 0.0  # null (or non-finite at serving time) -> the mean
             dense[:, j] = z
@@ -268,7 +276,7 @@ class Preprocessor:
             else:
                 out[f"cat_{name}"] = idx.astype(np.int32)
         for name, bounds in self.buckets.items():
-            x = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            x = _floats(df[name])
             b = np.searchsorted(np.asarray(bounds), x, side="right") + 1
             b[~np.isfinite(x)] = 0  # null -> unknown
             dense[np.arange(n), j + b] = 1.0
