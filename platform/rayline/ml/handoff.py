@@ -2,10 +2,11 @@
 
 Two ways to get the curated table as a ``ray.data.Dataset``:
 
-- :func:`spark_to_ray`: in the same job as the pipeline, through RayDP. The executors turn rows
-  into Arrow record batches; Ray tasks fetch them into Ray's object store. The dataset is
+- :func:`spark_to_ray`: in the same job as the pipeline, in memory. The executors turn rows into
+  Arrow record batches in parallel and write them, uncompressed, as Arrow IPC files to shared
+  memory; the driver maps each file and puts it in Ray's object store. The dataset is
   materialized before returning, its blocks owned by this driver, so it stays available after
-  Spark stops. No Parquet round trip.
+  Spark stops. No Parquet round trip (``benchmarks/handoff.py`` measures both).
 - :func:`table_to_ray`: in a separate job, from the table's Parquet files in the warehouse,
   with the partition columns restored to their written types.
 
@@ -48,22 +49,258 @@ _ARROW_OF_SPARK = {
 }
 
 
+# Blocks of the handed-off dataset: at most this many bytes of Arrow data each (Ray Data's own
+# default target is 128 MiB; smaller blocks give downstream operators more parallelism).
+_HANDOFF_BLOCK_BYTES = 64 << 20
+
+
 def spark_to_ray(df: Any) -> Any:
-    """Hand a Spark DataFrame to Ray Data through RayDP, materialized in the object store.
+    """Hand a Spark DataFrame to Ray Data in memory, materialized in the object store.
+
+    Each Spark task streams its partition to a Python worker as Arrow record batches
+    (``mapInArrow``: Spark's own row-to-Arrow conversion, in parallel on the executors) and
+    writes them as uncompressed Arrow IPC files of up to 64 MiB in shared memory (``/dev/shm``;
+    a local temporary directory when that is missing or full). The driver memory-maps each file,
+    puts the table in Ray's object store (one copy) and deletes the file; files written on
+    another node are loaded by a Ray task pinned to that node. No Spark-side cache, and no
+    partition is ever held whole in an executor's heap, so the executor memory does not bound
+    the partition size.
 
     Args:
         df: A Spark DataFrame of a Spark-on-Ray session.
 
     Returns:
-        A materialized ``ray.data.Dataset`` that outlives the Spark session.
+        A materialized ``ray.data.Dataset`` (blocks in the DataFrame's partition order, owned by
+        this driver) that outlives the Spark session. Column names and Arrow types are Spark's
+        Arrow conversion's (timestamps in the session time zone, as ``timestamp[us, tz]``).
     """
-    from raydp.spark.dataset import from_spark_recoverable, release_spark_recoverable
+    import os
+    import shutil
+    import socket
+    import uuid
+
+    import pyarrow as pa
 
     t0 = time.perf_counter()
-    ds = from_spark_recoverable(df).materialize()
-    release_spark_recoverable(df)
-    log.info("handoff: %d rows Spark -> Ray Data in %.1fs", ds.count(), time.perf_counter() - t0)
+    run = f"rayline-handoff-{uuid.uuid4().hex[:16]}"
+    here = socket.gethostname()
+    written: list[Any] = []
+    try:
+        written = df.mapInArrow(
+            _arrow_file_writer(run, _HANDOFF_BLOCK_BYTES),
+            "part long, seq long, path string, rows long, host string",
+        ).collect()
+        t1 = time.perf_counter()
+        written.sort(key=lambda r: (r.part, r.seq))
+        blocks = _load_arrow_files(written, here)
+    finally:
+        # Also what failed task attempts (or a failed job) left behind.
+        for root in _spill_roots():
+            shutil.rmtree(os.path.join(root, run), ignore_errors=True)
+        _clean_remote(written, here)
+    if not blocks:
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        blocks = [_put_block(pa.Table.from_batches([], schema=to_arrow_schema(df.schema)))]
+    ds = _materialized(blocks)
+    t2 = time.perf_counter()
+    log.info(
+        "handoff: %d rows Spark -> Ray Data in %.1fs (Spark job %.1fs, into the object store "
+        "%.1fs; %d blocks)",
+        ds.count(),
+        t2 - t0,
+        t1 - t0,
+        t2 - t1,
+        len(blocks),
+    )
     return ds
+
+
+def _spill_roots() -> list[str]:
+    """Where the handoff's files go: shared memory first, else the temporary directory."""
+    import os
+    import tempfile
+
+    tmp = tempfile.gettempdir()
+    return ["/dev/shm", tmp] if os.path.isdir("/dev/shm") and tmp != "/dev/shm" else [tmp]
+
+
+def _arrow_file_writer(run: str, block_bytes: int) -> Any:
+    """The ``mapInArrow`` function of :func:`spark_to_ray` (runs in the executors' Python
+    workers; self-contained, so that they need not import Rayline)."""
+
+    def write(batches: Any) -> Any:
+        import os
+        import shutil
+        import socket
+        import tempfile
+
+        import pyarrow as pa
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        assert ctx is not None
+        part, attempt = ctx.partitionId(), ctx.attemptNumber()
+        host = socket.gethostname()
+        tmp = tempfile.gettempdir()  # as _spill_roots (not imported: no Rayline needed here)
+        roots = ["/dev/shm", tmp] if os.path.isdir("/dev/shm") and tmp != "/dev/shm" else [tmp]
+
+        def flush(buf: list[Any], nbytes: int, seq: int) -> Any:
+            # Shared memory unless it lacks room for this file (with a margin); then local disk.
+            root = next(
+                (r for r in roots if shutil.disk_usage(r).free > 2 * nbytes + (64 << 20)),
+                roots[-1],
+            )
+            d = os.path.join(root, run)
+            os.makedirs(d, exist_ok=True)
+            path = os.path.join(d, f"p{part:06d}-a{attempt}-{seq:05d}.arrow")
+            schema = buf[0].schema.remove_metadata()
+            with pa.OSFile(path, "wb") as f, pa.ipc.new_file(f, schema) as w:
+                for b in buf:
+                    w.write_batch(b)
+            return pa.RecordBatch.from_pydict(
+                {
+                    "part": [part],
+                    "seq": [seq],
+                    "path": [path],
+                    "rows": [sum(b.num_rows for b in buf)],
+                    "host": [host],
+                }
+            )
+
+        buf: list[Any] = []
+        nbytes = seq = 0
+        for b in batches:
+            if b.num_rows == 0:
+                continue
+            buf.append(b)
+            nbytes += b.nbytes
+            if nbytes >= block_bytes:
+                yield flush(buf, nbytes, seq)
+                buf, nbytes, seq = [], 0, seq + 1
+        if buf:
+            yield flush(buf, nbytes, seq)
+
+    return write
+
+
+def _read_arrow_file(path: str) -> Any:
+    import os
+
+    import pyarrow as pa
+
+    table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+    os.unlink(path)  # the mapping stays valid until the table is gone
+    return table
+
+
+def _put_block(table: Any) -> tuple[Any, Any]:
+    import ray
+
+    return ray.put(table), _block_metadata(table)
+
+
+def _block_metadata(table: Any) -> Any:
+    try:
+        from ray.data.block import BlockExecStats, BlockMetadataWithSchema
+    except ImportError:  # another Ray version: _materialized asks Ray Data instead
+        return None
+    return BlockMetadataWithSchema.from_block(
+        table, block_exec_stats=BlockExecStats.builder().build()
+    )
+
+
+def _load_remote(path: str) -> tuple[Any, Any]:
+    table = _read_arrow_file(path)
+    return table, _block_metadata(table)
+
+
+def _load_arrow_files(written: list[Any], here: str) -> list[tuple[Any, Any]]:
+    """(block ref, metadata) per file, in order: local files through the driver, files on other
+    nodes through Ray tasks pinned to their node (the tasks' outputs are owned by the driver)."""
+    import ray
+
+    blocks: list[tuple[Any, Any]] = []
+    remote: list[tuple[int, Any]] = []
+    nodes = _node_ids() if any(r.host != here for r in written) else {}
+    load = ray.remote(num_cpus=0.1, num_returns=2, max_retries=0)(_load_remote)
+    for r in written:
+        if r.host == here:
+            table = _read_arrow_file(r.path)
+            blocks.append(_put_block(table))
+            del table
+        else:
+            task: Any = load
+            if r.host in nodes:
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                task = task.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[r.host], soft=False)
+                )
+            ref, meta = task.remote(r.path)
+            remote.append((len(blocks), meta))
+            blocks.append((ref, None))
+    for i, meta in remote:
+        blocks[i] = (blocks[i][0], ray.get(meta))
+    return blocks
+
+
+def _node_ids() -> dict[str, str]:
+    import ray
+
+    return {n["NodeManagerHostname"]: n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def _clean_remote(written: list[Any], here: str) -> None:
+    """Best effort: remove the run's directories on other nodes (files of failed task attempts;
+    loaded files are deleted as they are read)."""
+    import os
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    hosts = {r.host for r in written if r.host != here}
+    if not hosts:
+        return
+    nodes = _node_ids()
+
+    def rm(dirs: list[str]) -> None:
+        import shutil
+
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+    refs = []
+    for h in hosts & set(nodes):
+        dirs = sorted({os.path.dirname(r.path) for r in written if r.host == h})
+        refs.append(
+            ray.remote(num_cpus=0.1, max_retries=0)(rm)
+            .options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[h], soft=True))
+            .remote(dirs)
+        )
+    ray.wait(refs, num_returns=len(refs), timeout=30)
+
+
+def _materialized(blocks: list[tuple[Any, Any]]) -> Any:
+    """A MaterializedDataset over blocks already in the object store, from their metadata
+    (what ``ray.data.from_arrow_refs`` builds, without its one metadata task per block)."""
+    import ray.data
+
+    refs = [ref for ref, _ in blocks]
+    metas = [meta for _, meta in blocks]
+    try:
+        from ray.data._internal.logical.interfaces import LogicalPlan
+        from ray.data._internal.logical.operators.from_operators import FromArrow
+        from ray.data._internal.stats import DatasetStats
+        from ray.data.context import DataContext
+        from ray.data.dataset import MaterializedDataset
+    except ImportError:
+        metas = [None]
+    if any(m is None for m in metas):
+        return ray.data.from_arrow_refs(refs)
+    ctx = DataContext.get_current().copy()
+    stats = DatasetStats(metadata={"FromArrow": metas}, parent=None)
+    return MaterializedDataset(LogicalPlan(FromArrow(refs, metas), ctx), ctx, stats)
 
 
 def table_to_ray(path: str | Path) -> Any:
