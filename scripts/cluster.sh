@@ -2,7 +2,7 @@
 # A local Ray cluster that `ray job submit` and `serve deploy` use exactly as a real one.
 #   scripts/cluster.sh up|down|status
 # Settings (environment): RAYLINE_RAY_PORT (6379), RAYLINE_DASHBOARD_PORT (8265),
-# RAYLINE_METRICS_PORT (8080), RAYLINE_CLUSTER_CPUS (cores + 2: Spark executors hold theirs).
+# RAYLINE_METRICS_PORT (8080), RAYLINE_AGENT_PORT (52365), RAYLINE_CLUSTER_CPUS (cores + 2: Spark executors hold theirs).
 # Token authentication: Ray 2.60 enables it for clusters it starts; RAY_AUTH_MODE=token is
 # exported here and must be set for the job CLI too (the token is in ~/.ray/auth_token).
 set -euo pipefail
@@ -11,6 +11,8 @@ RAY="${RAY:-.venv/bin/ray}"
 PORT="${RAYLINE_RAY_PORT:-6379}"
 DPORT="${RAYLINE_DASHBOARD_PORT:-8265}"
 MPORT="${RAYLINE_METRICS_PORT:-8080}"
+# The job agent's HTTP port: Ray's default (52365) clashes with any other Ray head on the machine.
+APORT="${RAYLINE_AGENT_PORT:-52365}"
 CPUS="${RAYLINE_CLUSTER_CPUS:-$(( $(nproc) + 2 ))}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_USAGE_STATS_ENABLED=0
@@ -27,7 +29,8 @@ case "${1:-}" in
     # Ray's daemons keep the output streams they start with: give them a log file, never a pipe.
     "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" \
       --dashboard-host=127.0.0.1 --dashboard-port="$DPORT" --include-dashboard=true \
-      --metrics-export-port="$MPORT" --num-cpus="$CPUS" --disable-usage-stats >"$log" 2>&1 </dev/null \
+      --metrics-export-port="$MPORT" --dashboard-agent-listen-port="$APORT" \
+      --num-cpus="$CPUS" --disable-usage-stats >"$log" 2>&1 </dev/null \
       || { echo "cluster: ray start failed; see $log" >&2; tail -20 "$log" >&2; exit 1; }
     for _ in $(seq 1 60); do status && break; sleep 1; done
     status || { echo "cluster: the dashboard at $addr did not answer within 60 s" >&2; exit 1; }

@@ -28,6 +28,7 @@ def env():
         RAYLINE_DASHBOARD_PORT=DPORT,
         RAYLINE_RAY_PORT=os.environ.get("RAYLINE_E2E_RAY_PORT", "6390"),
         RAYLINE_METRICS_PORT=os.environ.get("RAYLINE_E2E_METRICS_PORT", "8390"),
+        RAYLINE_AGENT_PORT=os.environ.get("RAYLINE_E2E_AGENT_PORT", "52390"),
         RAY=str(BIN / "ray"),
         PATH=f"{BIN}:{e.get('PATH', '')}",
     )
