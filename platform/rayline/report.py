@@ -270,7 +270,9 @@ def write_html_report(store: RunStore, run_id: str) -> Path:
             "ml": _ml_section,
         }.get(s["type"])
         if section:
-            parts.append(f"<h2>{_e('ML' if s['type'] == 'ml' else s['type'].title())}: {_e(s['name'])}</h2>{section(rep)}")
+            parts.append(
+                f"<h2>{_e('ML' if s['type'] == 'ml' else s['type'].title())}: {_e(s['name'])}</h2>{section(rep)}"
+            )
     if rec.get("outputs"):
         o = rec["outputs"]
         rows = [
