@@ -5,6 +5,8 @@ queries, graceful stop on Ctrl-C / SIGTERM, the run record and report."""
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from datetime import datetime
 from typing import Any
@@ -71,6 +73,12 @@ def run_stream(
     )
     job: StreamJob | None = None
     queries: list[Any] = []
+    stop_requested: list[int] = []
+
+    def request_stop(signum: int, frame: Any) -> None:
+        # Only a flag: the loop stops the queries between checks, so no Spark call is
+        # interrupted half-way (an interrupt inside py4j surfaces as an unrelated Java error).
+        stop_requested.append(signum)
 
     def body(s: Any) -> None:
         nonlocal job, queries
@@ -89,8 +97,19 @@ def run_stream(
         run.save()
         queries = job.start(available_now=available_now)
         t0 = time.perf_counter()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+            for sig in previous:
+                signal.signal(sig, request_stop)
         try:
             while any(q.isActive for q in queries):
+                if stop_requested:
+                    log.info(
+                        "[stream] stop requested (signal %d): stopping the queries",
+                        stop_requested[0],
+                    )
+                    break
                 for q in queries:
                     q.awaitTermination(1)
                     if q.exception() is not None:
@@ -100,6 +119,8 @@ def run_stream(
                     break
                 _snapshot(run, rec, job, queries)
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             for q in queries:
                 if q.isActive:
                     q.stop()
@@ -115,17 +136,20 @@ def run_stream(
             with spark_on_ray(session_with_kafka(spec), spec.warehouse) as s:
                 body(s)
     except (KeyboardInterrupt, SystemExit):
+        stop_requested.append(signal.SIGINT)
+    except Exception as e:  # noqa: BLE001 - recorded, then re-raised
+        if not stop_requested:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            rec.update(status="failed", ended_at=now_iso(), error=_error("stream", e))
+            run.finish("failed", _error("stream", e))
+            _write_html(run)
+            raise RunFailed(run.run_id, f"run {run.run_id} failed in stage 'stream': {msg}") from e
+    if stop_requested:
         log.info("[stream] stopped by a signal; the checkpoint keeps its place")
         rec.update(status="stopped", ended_at=now_iso())
         run.finish("stopped")
         _write_html(run)
         return RunResult(run.run_id, "stopped", run.run_dir, run.record)
-    except Exception as e:  # noqa: BLE001 - recorded, then re-raised
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        rec.update(status="failed", ended_at=now_iso(), error=_error("stream", e))
-        run.finish("failed", _error("stream", e))
-        _write_html(run)
-        raise RunFailed(run.run_id, f"run {run.run_id} failed in stage 'stream': {msg}") from e
     rec.update(status="succeeded", ended_at=now_iso())
     run.finish("succeeded")
     _write_html(run)
