@@ -26,19 +26,18 @@ import json
 import logging
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import _harness
+from _harness import Meter, emit, note
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_PATH = ROOT / "pipelines" / "flights.yaml"
-RESULT_TAG = "@@BENCH_RESULT@@ "
-NOTE_TAG = "@@BENCH_NOTE@@ "
 ENGINES = ["rayline", "rayline-nockpt", "spark-local", "pandas"]
 
 # The work, as pipelines/flights.yaml declares it (kept literal here so that the hand-written
@@ -90,66 +89,6 @@ ROW_RULES = {
     "plausible_speed": "quarantine",
 }
 BLOCKING = [r for r, sev in ROW_RULES.items() if sev == "quarantine"]
-
-
-def emit(result: dict[str, Any]) -> None:
-    """Child -> parent: one JSON line on stdout."""
-    print(RESULT_TAG + json.dumps(result, default=str), flush=True)
-
-
-def note(msg: str) -> None:
-    """Child -> parent: a progress line (relayed by the parent)."""
-    print(NOTE_TAG + msg, flush=True)
-
-
-class Meter:
-    """Wall time of one run, the CPU time this engine used (every process of the child's session:
-    Ray, JVMs, Python) and the CPU time everything else on the machine used meanwhile (noise).
-    CPU figures need Linux /proc; elsewhere they are None."""
-
-    def __init__(self) -> None:
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def _snap(self) -> tuple[float, float | None, float | None]:
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-            busy = sum(v[:3]) + sum(v[5:7])  # user nice system + irq softirq (not idle/iowait)
-            sid, ours = os.getsid(0), 0
-            for d in os.listdir("/proc"):
-                if not d.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{d}/stat") as f:
-                        rest = f.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(rest[3]) == sid:  # utime stime cutime cstime (reaped children included)
-                    ours += sum(int(x) for x in rest[11:15])
-            return time.perf_counter(), busy / self.tick, ours / self.tick
-        except (OSError, ValueError, IndexError):
-            return time.perf_counter(), None, None
-
-    def __enter__(self) -> Meter:
-        self.t0, self.b0, self.o0 = self._snap()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        t1, b1, o1 = self._snap()
-        self.wall = t1 - self.t0
-        self.cpu = self.other_pct = None
-        if None not in (self.b0, b1, self.o0, o1):
-            self.cpu = o1 - self.o0
-            other = max(0.0, (b1 - self.b0) - self.cpu)
-            self.other_pct = 100 * other / (self.wall * (os.cpu_count() or 1))
-
-    def record(self, r: dict[str, Any]) -> str:
-        r["times"].append(self.wall)
-        r.setdefault("cpu", []).append(self.cpu)
-        r.setdefault("other_pct", []).append(self.other_pct)
-        if self.cpu is None:
-            return f"{self.wall:.1f}s"
-        return f"{self.wall:.1f}s, cpu {self.cpu:.0f}s, others {self.other_pct:.0f}% of the machine"
 
 
 def flights_rows(data_dir: Path) -> int:
@@ -622,23 +561,10 @@ def ensure_data(out: Path, replicate: int) -> Path:
     return data
 
 
-def _kill(proc: subprocess.Popen[str]) -> None:
-    """Stop a child and what it started (its own process group)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
 def run_child(
     engine: str, variants: list[str], args: argparse.Namespace, data: Path, log_dir: Path
 ) -> list[dict[str, Any]]:
     cmd = [
-        sys.executable,
         str(Path(__file__).resolve()),
         "--engine",
         engine,
@@ -656,52 +582,11 @@ def run_child(
     if args.keep:
         cmd.append("--keep")
     log_path = log_dir / f"{engine}.log"
-    log_path.write_text("")  # child (stderr) and parent (other stdout lines) both append
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.pop("RAY_ADDRESS", None)  # each engine runs on its own; never on a shared cluster
-    results: list[dict[str, Any]] = []
     print(f"\n== {engine} ({', '.join(variants)}); log: {log_path}", flush=True)
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,
-        )
-
-        def relay() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith(RESULT_TAG):
-                    results.append(json.loads(line[len(RESULT_TAG) :]))
-                elif line.startswith(NOTE_TAG):
-                    print(line[len(NOTE_TAG) :].rstrip(), flush=True)
-                else:  # JVM / library chatter on stdout
-                    log.write(line)
-                    log.flush()
-
-        reader = threading.Thread(target=relay, daemon=True)
-        reader.start()
-        try:
-            proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"!! {engine}: timed out after {args.timeout:.0f}s; stopping it", flush=True)
-            _kill(proc)
-        except KeyboardInterrupt:
-            _kill(proc)
-            raise
-        reader.join(timeout=10)
-    if proc.returncode != 0:
+    results, code = _harness.run_child(cmd, log_path, args.timeout, engine)
+    if code != 0:
         for r in results:  # what it reported before failing: shown, but marked
             r["incomplete"] = True
-        tail = log_path.read_text(errors="replace").splitlines()[-25:]
-        print(f"!! {engine} exited with {proc.returncode}; last lines of {log_path}:", flush=True)
-        for t in tail:
-            print("   " + t)
     return results
 
 

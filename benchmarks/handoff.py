@@ -36,74 +36,18 @@ import json
 import logging
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import _harness
+from _harness import Meter, emit, note
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULT_TAG = "@@BENCH_RESULT@@ "
-NOTE_TAG = "@@BENCH_NOTE@@ "
 PATHS = ["handoff", "parquet", "raydp", "from_spark"]
 WARMUP_ROWS = 100_000
-
-
-def emit(result: dict[str, Any]) -> None:
-    """Child -> parent: one JSON line on stdout."""
-    print(RESULT_TAG + json.dumps(result, default=str), flush=True)
-
-
-def note(msg: str) -> None:
-    """Child -> parent: a progress line (relayed by the parent)."""
-    print(NOTE_TAG + msg, flush=True)
-
-
-class Meter:
-    """Wall time of one run, the CPU time the child's session used (Ray, JVMs, Python) and the
-    CPU time everything else on the machine used meanwhile (noise). Linux /proc; else None.
-    (As in benchmarks/etl.py.)"""
-
-    def __init__(self) -> None:
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def _snap(self) -> tuple[float, float | None, float | None]:
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-            busy = sum(v[:3]) + sum(v[5:7])
-            sid, ours = os.getsid(0), 0
-            for d in os.listdir("/proc"):
-                if not d.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{d}/stat") as f:
-                        rest = f.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(rest[3]) == sid:
-                    ours += sum(int(x) for x in rest[11:15])
-            return time.perf_counter(), busy / self.tick, ours / self.tick
-        except (OSError, ValueError, IndexError):
-            return time.perf_counter(), None, None
-
-    def __enter__(self) -> Meter:
-        self.t0, self.b0, self.o0 = self._snap()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        t1, b1, o1 = self._snap()
-        self.wall = t1 - self.t0
-        self.cpu = self.other_pct = None
-        if None not in (self.b0, b1, self.o0, o1):
-            self.cpu = o1 - self.o0
-            other = max(0.0, (b1 - self.b0) - self.cpu)
-            self.other_pct = 100 * other / (self.wall * (os.cpu_count() or 1))
-            if self.cpu < 0:  # a process of the session exited unreaped: its CPU time is lost
-                self.cpu = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,20 +258,8 @@ def child(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _kill(proc: subprocess.Popen[str]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
 def run_child(args: argparse.Namespace, log_path: Path) -> dict[str, Any] | None:
     cmd = [
-        sys.executable,
         str(Path(__file__).resolve()),
         "--child",
         "--rows",
@@ -343,48 +275,7 @@ def run_child(args: argparse.Namespace, log_path: Path) -> dict[str, Any] | None
         "--out",
         str(args.out),
     ]
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.pop("RAY_ADDRESS", None)  # a private local Ray instance, never a shared cluster
-    results: list[dict[str, Any]] = []
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,
-        )
-
-        def relay() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith(RESULT_TAG):
-                    results.append(json.loads(line[len(RESULT_TAG) :]))
-                elif line.startswith(NOTE_TAG):
-                    print(line[len(NOTE_TAG) :].rstrip(), flush=True)
-                else:
-                    log.write(line)
-                    log.flush()
-
-        reader = threading.Thread(target=relay, daemon=True)
-        reader.start()
-        try:
-            proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"!! timed out after {args.timeout:.0f}s; stopping the benchmark", flush=True)
-            _kill(proc)
-        except KeyboardInterrupt:
-            _kill(proc)
-            raise
-        reader.join(timeout=10)
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-25:]
-        print(f"!! the benchmark exited with {proc.returncode}; last lines of {log_path}:")
-        for t in tail:
-            print("   " + t)
+    results, _ = _harness.run_child(cmd, log_path, args.timeout, "the benchmark")
     return results[0] if results else None
 
 

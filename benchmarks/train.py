@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,9 +41,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _harness
+from _harness import emit
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULT_TAG = "@@BENCH_RESULT@@ "
-NOTE_TAG = "@@BENCH_NOTE@@ "
 FEATURES = [
     "dep_delay",
     "sched_dep_time",
@@ -64,16 +64,6 @@ RAY_TRAIN_ENV = (
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
 )
-
-
-def emit(result: dict[str, Any]) -> None:
-    """Child -> parent: one JSON line on stdout."""
-    print(RESULT_TAG + json.dumps(result, default=str), flush=True)
-
-
-def note(msg: str) -> None:
-    """Child -> parent: a progress line (relayed by the parent)."""
-    print(NOTE_TAG + msg, flush=True)
 
 
 class Meter:
@@ -426,21 +416,8 @@ def engine_rayline(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _kill(proc: subprocess.Popen[str]) -> None:
-    """Stop a child and what it started (its own process group)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
 def run_child(engine: str, extra: list[str], args: argparse.Namespace, log_path: Path) -> Any:
     cmd = [
-        sys.executable,
         str(Path(__file__).resolve()),
         "--engine",
         engine,
@@ -460,48 +437,8 @@ def run_child(engine: str, extra: list[str], args: argparse.Namespace, log_path:
         str(args.keras_spe),
         *extra,
     ]
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.pop("RAY_ADDRESS", None)  # a private Ray instance, never a shared cluster
-    results: list[dict[str, Any]] = []
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,
-        )
-
-        def relay() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith(RESULT_TAG):
-                    results.append(json.loads(line[len(RESULT_TAG) :]))
-                elif line.startswith(NOTE_TAG):
-                    print(line[len(NOTE_TAG) :].rstrip(), flush=True)
-                else:
-                    log.write(line)
-                    log.flush()
-
-        reader = threading.Thread(target=relay, daemon=True)
-        reader.start()
-        try:
-            proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"!! {engine}: timed out after {args.timeout:.0f}s; stopping it", flush=True)
-            _kill(proc)
-        except KeyboardInterrupt:
-            _kill(proc)
-            raise
-        reader.join(timeout=10)
-    if proc.returncode != 0 or not results:
-        tail = log_path.read_text(errors="replace").splitlines()[-20:]
-        print(f"!! {engine} exited with {proc.returncode}; last lines of {log_path}:", flush=True)
-        for t in tail:
-            print("   " + t)
+    results, code = _harness.run_child(cmd, log_path, args.timeout, engine)
+    if code != 0 or not results:
         return None
     return results[-1]
 

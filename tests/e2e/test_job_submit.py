@@ -184,12 +184,18 @@ def scrape_until(port, want, limit):
     return found
 
 
-def test_flights_pipeline_as_a_ray_job(cluster, shared):
-    tmp_path = shared
-    runtime_env = shared_env(shared)
-    job_id = submit(cluster, "pipelines/flights.yaml", runtime_env)
+@pytest.fixture(scope="module")
+def pipeline_job(cluster, shared):
+    """The flights pipeline submitted once as a Ray job; its final status and logs. The training
+    job trains on the table it writes."""
+    job_id = submit(cluster, "pipelines/flights.yaml", shared_env(shared))
     final = wait(cluster, job_id)
-    logs = ray_job("logs", "--address", cluster, job_id).stdout
+    return final, ray_job("logs", "--address", cluster, job_id).stdout
+
+
+def test_flights_pipeline_as_a_ray_job(pipeline_job, shared):
+    tmp_path = shared
+    final, logs = pipeline_job
     assert final == "SUCCEEDED", logs[-4000:]
     assert "[4/4] analytics 'profile': done" in logs and "succeeded" in logs
 
@@ -214,11 +220,11 @@ def test_flights_pipeline_as_a_ray_job(cluster, shared):
     assert found == want, found
 
 
-def test_training_job_registers_and_promotes_a_classifier(cluster, shared):
+def test_training_job_registers_and_promotes_a_classifier(cluster, shared, pipeline_job):
     """`ray job submit ... workloads/train.py`: train on the table the pipeline job wrote
     (Keras on Ray Train + the Spark GBT challenger), evaluate, register, gate."""
-    if not list((shared / "runs").glob("flights-*/run.json")):
-        pytest.skip("needs the pipeline job's table (test_flights_pipeline_as_a_ray_job)")
+    final, logs = pipeline_job
+    assert final == "SUCCEEDED", f"the pipeline job that writes the table failed: {logs[-2000:]}"
     job_id = submit(
         cluster, "pipelines/flights_delayed.yaml", shared_env(shared), workload="workloads/train.py"
     )
