@@ -310,6 +310,7 @@ class StreamJob:
         t0 = time.perf_counter()
         model_dir, ref = self._resolve_model()
         batch = batch.persist()
+        data: Any = None
         try:
             total = batch.count()
             if total == 0:
@@ -324,6 +325,7 @@ class StreamJob:
 
             data = events
             quarantine_flags: list[tuple[str, Any]] = []
+            warn_flags: list[tuple[str, Any]] = []
             for st in self.stages:
                 self.ctx.stage = st.name
                 if isinstance(st, TransformStage):
@@ -344,12 +346,15 @@ class StreamJob:
                             )
                     if rule.severity == "quarantine":
                         quarantine_flags.append((rule.name, flags[rule.name]))
+                    elif rule.severity == "warn":
+                        warn_flags.append((rule.name, flags[rule.name]))
             reasons = (
                 F.array_compact(F.array(*[F.when(c, F.lit(n)) for n, c in quarantine_flags]))
                 if quarantine_flags
                 else F.array().cast("array<string>")
             )
-            data = data.withColumn("_rayline_reasons", reasons)
+            # Computed once: the dead letters, the predictions and the counts all read it.
+            data = data.withColumn("_rayline_reasons", reasons).persist()
 
             rejected = data.where(F.size("_rayline_reasons") > 0)
             clean = data.where(F.size("_rayline_reasons") == 0).drop("_rayline_reasons")
@@ -407,7 +412,17 @@ class StreamJob:
             dead_out = dead_out.select("key", "value").persist()
             preds = preds.persist()
             n_dead, n_pred = dead_out.count(), preds.count()
-            n_malformed, n_rejected = malformed.count(), rejected.count()
+            n_malformed = malformed.count()
+            # Rows quarantined, and rows breaking each quarantine or warn rule: one pass.
+            agg = data.agg(
+                F.sum(F.when(F.size("_rayline_reasons") > 0, 1).otherwise(0)).alias("_rej"),
+                *[
+                    F.sum(F.when(c, 1).otherwise(0)).alias(n)
+                    for n, c in quarantine_flags + warn_flags
+                ],
+            ).first()
+            n_rejected = int(agg["_rej"] or 0)
+            counts = {n: int(agg[n] or 0) for n, _ in quarantine_flags + warn_flags}
             read_to = {
                 int(r["p"]): int(r["o"]) + 1
                 for r in batch.groupBy(F.col("_rayline_partition").alias("p"))
@@ -424,16 +439,11 @@ class StreamJob:
                     .option("topic", topic)
                     .save()
                 )
-            counts = {
-                r["r"]: int(r["count"])
-                for r in rejected.select(F.explode("_rayline_reasons").alias("r"))
-                .groupBy("r")
-                .count()
-                .collect()  # one row per rule
-            }
             preds.unpersist()
             dead_out.unpersist()
         finally:
+            if data is not None:
+                data.unpersist()
             batch.unpersist()
         lag = self._lag(read_to)
         rep = self.report
