@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -49,12 +50,18 @@ def outputs(s, bootstrap):
     return [p["source_offset"] for p in preds] + [d["source_offset"] for d in dead]
 
 
-def wait_for(cond, limit, what):
+def committed_batches(s):
+    """Micro-batches Spark has committed (files in the query's checkpoint `commits/` folder): a
+    cheap progress probe, polled often, so a fast machine cannot finish the stream unseen."""
+    return len(list(Path(s["checkpoint_location"]).glob("**/commits/[0-9]*")))
+
+
+def wait_for(cond, limit, what, every=0.2):
     deadline = time.time() + limit
     while time.time() < deadline:
         if cond():
             return
-        time.sleep(2)
+        time.sleep(every)
     raise AssertionError(f"timed out after {limit}s waiting for {what}")
 
 
@@ -80,7 +87,9 @@ def test_killed_job_and_restarted_broker_lose_and_duplicate_nothing(spark, kafka
         checkpoint_location=str(tmp_path / "cp"),
         model="stream_model@champion",
         registry=str(registry),
-        max_offsets_per_trigger=250,
+        # 100 events a micro-batch (each takes ~2 s): the stream lasts >= 30 s, so the kill
+        # below lands mid-stream even on a quiet machine
+        max_offsets_per_trigger=100,
         trigger_seconds=1,
     )
     s.pop("window")
@@ -92,7 +101,7 @@ def test_killed_job_and_restarted_broker_lose_and_duplicate_nothing(spark, kafka
     # 1. Killed mid-stream (SIGKILL: no chance to clean up), then restarted.
     job = start_job(spec_path, log)
     try:
-        wait_for(lambda: len(outputs(s, kafka)) >= 250, 400, "the first micro-batches")
+        wait_for(lambda: committed_batches(s) >= 2, 400, "the first micro-batches")
     finally:
         kill_group(job)
     written = len(outputs(s, kafka))
@@ -101,7 +110,8 @@ def test_killed_job_and_restarted_broker_lose_and_duplicate_nothing(spark, kafka
     # 2. Restarted; the broker restarts under it.
     job = start_job(spec_path, log)
     try:
-        wait_for(lambda: len(outputs(s, kafka)) > written, 400, "progress after the restart")
+        before = committed_batches(s)
+        wait_for(lambda: committed_batches(s) > before, 400, "progress after the restart")
         env = {**os.environ, "RAYLINE_KAFKA_PORT": KAFKA_PORT}
         r = subprocess.run(
             [str(ROOT / "scripts" / "kafka.sh"), "restart"],
