@@ -2,7 +2,8 @@
 # A local Ray cluster that `ray job submit` and `serve deploy` use exactly as a real one.
 #   scripts/cluster.sh up|down|status
 # Settings (environment): RAYLINE_RAY_PORT (6379), RAYLINE_DASHBOARD_PORT (8265),
-# RAYLINE_METRICS_PORT (8080), RAYLINE_AGENT_PORT (52365), RAYLINE_CLUSTER_CPUS (cores + 2: Spark executors hold theirs).
+# RAYLINE_METRICS_PORT (8080), RAYLINE_AGENT_PORT (52365), RAYLINE_CLUSTER_CPUS (cores + 2: Spark executors hold theirs),
+# RAYLINE_RAY_TEMP_DIR (/tmp/ray on the default port, /tmp/ray-<port> on another).
 # Token authentication: Ray 2.60 enables it for clusters it starts; RAY_AUTH_MODE=token is
 # exported here and must be set for the job CLI too (the token is in ~/.ray/auth_token).
 set -euo pipefail
@@ -14,6 +15,10 @@ MPORT="${RAYLINE_METRICS_PORT:-8080}"
 # The job agent's HTTP port: Ray's default (52365) clashes with any other Ray head on the machine.
 APORT="${RAYLINE_AGENT_PORT:-52365}"
 CPUS="${RAYLINE_CLUSTER_CPUS:-$(( $(nproc) + 2 ))}"
+# Ray's temp dir (sessions, logs, and ray_current_cluster: the cluster a job's driver connects
+# to). A second cluster on the machine gets its own: with a shared one, jobs of the first
+# cluster connect to whichever cluster started last.
+if [ "$PORT" = 6379 ]; then TEMP="${RAYLINE_RAY_TEMP_DIR:-/tmp/ray}"; else TEMP="${RAYLINE_RAY_TEMP_DIR:-/tmp/ray-$PORT}"; fi
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_USAGE_STATS_ENABLED=0
 # Jobs run `python` from the PATH the cluster starts with: make it the project's venv.
@@ -30,11 +35,11 @@ case "${1:-}" in
     "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" \
       --dashboard-host=127.0.0.1 --dashboard-port="$DPORT" --include-dashboard=true \
       --metrics-export-port="$MPORT" --dashboard-agent-listen-port="$APORT" \
-      --num-cpus="$CPUS" --disable-usage-stats >"$log" 2>&1 </dev/null \
+      --num-cpus="$CPUS" --temp-dir="$TEMP" --disable-usage-stats >"$log" 2>&1 </dev/null \
       || { echo "cluster: ray start failed; see $log" >&2; tail -20 "$log" >&2; exit 1; }
     for _ in $(seq 1 60); do status && break; sleep 1; done
     status || { echo "cluster: the dashboard at $addr did not answer within 60 s" >&2; exit 1; }
-    echo "cluster: up; dashboard $addr (RAY_AUTH_MODE=$RAY_AUTH_MODE); metrics on 127.0.0.1:$MPORT"
+    echo "cluster: up; dashboard $addr (RAY_AUTH_MODE=$RAY_AUTH_MODE); metrics on 127.0.0.1:$MPORT; logs in $TEMP/session_latest/logs"
     echo "  submit: RAY_AUTH_MODE=$RAY_AUTH_MODE ray job submit --address $addr --working-dir . \\"
     echo "    --runtime-env-json '{\"env_vars\": {\"RAYLINE_DATA_DIR\": \"$PWD/data\", \"RAYLINE_WAREHOUSE\": \"$PWD/warehouse\", \"RAYLINE_RUN_STORE\": \"$PWD/runs\"}}' \\"
     echo "    -- python workloads/batch_pipeline.py --spec pipelines/flights.yaml"

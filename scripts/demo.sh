@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole platform on this machine, as on a cluster: a local Ray cluster (dashboard on
-# 127.0.0.1:8265), the flights pipeline + training (Ray Train, a small Ray Tune sweep, the Spark
-# GBT challenger) + registration and promotion as one Ray job, `serve deploy` of the champion
-# with a few real predictions, then a Kafka broker and a short streaming replay scored end to
-# end as a second Ray job. The cluster, the endpoint and the broker stay up at the end so you can
+# 127.0.0.1:8265), the flights pipeline as one Ray job, training (Ray Train, a small Ray Tune
+# sweep, the Spark GBT challenger) + registration and promotion as a second, `serve deploy` of
+# the champion with a few real predictions, then a Kafka broker and a short streaming replay
+# scored end to end as a third Ray job: the dashboard's Jobs view shows all three. The cluster, the endpoint and the broker stay up at the end so you can
 # look around; the last lines say how to stop them.
 #
 #   scripts/demo.sh            (scripts/run_example.sh runs this)
@@ -60,8 +60,11 @@ job() {  # job NAME ARGS...: submit a workload as a Ray job and follow its logs 
   [ "${status,,}" = "succeeded" ] || { echo "job $id: $status; see: ray job logs --address $addr $id" >&2; exit 1; }
 }
 
-step "Ray job 1: the flights pipeline, then train + tune + Spark challenger, evaluate, register, gate"
-job pipeline-train python workloads/train.py --with-pipeline --spec pipelines/flights.yaml
+step "Ray job 1: the flights pipeline (schema, transform, quality, analytics, curated table)"
+job pipeline python workloads/batch_pipeline.py --spec pipelines/flights.yaml
+
+step "Ray job 2: train + tune + Spark challenger on the curated table, evaluate, register, gate"
+job train python workloads/train.py --spec pipelines/flights.yaml
 rayline models list --registry "$root/registry"
 
 step "serve deploy: the champion behind Ray Serve on 127.0.0.1:8000"
@@ -100,7 +103,7 @@ scripts/kafka.sh start
 RAYLINE_DATA_DIR="$root/data" rayline stream replay flights --spec pipelines/flights.yaml \
   --topic flights-events --limit "$events" --rate 2000
 
-step "Ray job 2: the streaming job scores the events with the champion (available-now)"
+step "Ray job 3: the streaming job scores the events with the champion (available-now)"
 job stream python workloads/stream_pipeline.py --spec pipelines/flights.yaml --available-now
 echo "three predictions from the topic flights-predictions:"
 rayline stream tail flights-predictions --limit 3 --timeout 5

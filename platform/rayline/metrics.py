@@ -27,7 +27,7 @@ __all__ = ["stage_done", "quarantined", "train_epoch", "model_metric", "stream_b
 
 log = logging.getLogger("rayline")
 
-_SECONDS = [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800]
+SECONDS_BUCKETS = [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800]
 _metrics: dict[str, Any] = {}
 
 
@@ -48,7 +48,7 @@ def _get(kind: str, name: str, description: str, tags: tuple[str, ...]) -> Any:
         cls = {"counter": rm.Counter, "gauge": rm.Gauge, "histogram": rm.Histogram}[kind]
         kw: dict[str, Any] = {"description": description, "tag_keys": tags}
         if kind == "histogram":
-            kw["boundaries"] = _SECONDS
+            kw["boundaries"] = SECONDS_BUCKETS
         m = _metrics[name] = cls(name, **kw)
     return m
 

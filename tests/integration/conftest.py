@@ -68,24 +68,3 @@ def make_spec(tmp_path):
         return parse_spec(raw)
 
     return make
-
-
-KAFKA_PORT = os.environ.get("RAYLINE_KAFKA_PORT", "19192")
-
-
-@pytest.fixture(scope="package")
-def kafka():
-    """A real Kafka broker (scripts/kafka.sh): the one scripts/test.sh started, or one started
-    (and stopped) here. Yields its bootstrap address."""
-    import subprocess
-
-    env = {**os.environ, "RAYLINE_KAFKA_PORT": KAFKA_PORT}
-    script = str(ROOT / "scripts" / "kafka.sh")
-    was_running = subprocess.run([script, "status"], env=env, capture_output=True).returncode == 0
-    up = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stdout + up.stderr
-    try:
-        yield f"127.0.0.1:{KAFKA_PORT}"
-    finally:
-        if not was_running:
-            subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)

@@ -19,7 +19,8 @@ import yaml
 
 from rayline.streaming.kafka_io import replay_frame, tail
 
-from .conftest import FLIGHTS_DATA, KAFKA_PORT, ROOT
+from ..conftest import KAFKA_PORT
+from .conftest import FLIGHTS_DATA, ROOT
 from .test_streaming import flights_rows, register_model
 
 pytestmark = pytest.mark.integration

@@ -70,7 +70,9 @@ def build_model(pre: Preprocessor, params: dict[str, Any]) -> Any:
     return keras.Model(inputs=inputs, outputs=out, name="rayline_mlp")
 
 
-def compile_model(model: Any, task: str, learning_rate: float) -> None:
+def compile_model(
+    model: Any, task: str, learning_rate: float, steps_per_execution: int = 1
+) -> None:
     keras = use_tf_keras()
     loss = {
         "regression": "mse",
@@ -79,5 +81,8 @@ def compile_model(model: Any, task: str, learning_rate: float) -> None:
     }[task]
     metrics: list[Any] = ["mae"] if task == "regression" else ["accuracy"]
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate), loss=loss, metrics=metrics
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=loss,
+        metrics=metrics,
+        steps_per_execution=steps_per_execution,
     )

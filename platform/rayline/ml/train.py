@@ -1,10 +1,13 @@
 """Training the Keras model with Ray Train's ``TensorflowTrainer``.
 
-Each worker reads its shard of the Ray Datasets once, turns it into arrays with the shared
-:class:`~rayline.ml.features.Preprocessor`, and trains from memory (``tf.data`` over tensors):
-feeding Keras batch by batch from Ray Data costs more than the model's own step on small MLPs.
-With several workers, ``MultiWorkerMirroredStrategy`` all-reduces gradients each step; one worker
-trains without a strategy (one replica, same result, no collective overhead).
+:func:`fit_keras` splits the (materialized) train and validation Ray Datasets into one equal
+shard per worker; each worker reads its shard once, turns it into arrays with the shared
+:class:`~rayline.ml.features.Preprocessor`, and trains from memory, batches gathered from
+tensors: feeding Keras batch by batch from Ray Data costs more than the model's own step on
+small MLPs. With several workers, ``MultiWorkerMirroredStrategy`` all-reduces gradients each
+step (and nothing else: metrics are synchronized once per epoch); one worker trains without a
+strategy (one replica, same result, no collective overhead). Where the time went, and what each
+of these choices gained, is in ``benchmarks/README.md``.
 
 Every epoch reports its metrics and a checkpoint (model with optimizer state, preprocessor,
 history). A run restarted with the same name and storage resumes from its last checkpoint; the
@@ -15,6 +18,7 @@ last report is the final model with the best validation weights (early stopping)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -37,6 +41,9 @@ __all__ = ["TrainOutcome", "fit_keras", "model_params", "train_loop_per_worker"]
 log = logging.getLogger("rayline")
 
 HISTORY_FILE = "history.json"
+# Keras runs this many steps per call of its compiled train function: one Python -> TensorFlow
+# round trip per 32 steps instead of per step (callbacks still run per epoch).
+STEPS_PER_EXECUTION = 32
 STATE_FILE = "state.json"
 
 
@@ -57,30 +64,84 @@ def model_params(ml: MLSpec, overrides: dict[str, Any] | None = None) -> dict[st
 
 
 def _arrays(shard: Any, pre: Preprocessor) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    xs: list[dict[str, np.ndarray]] = []
-    ys: list[np.ndarray] = []
+    # A materialized shard (split by fit_keras): its blocks fetched and concatenated, no
+    # streaming executor.
     cols = pre.feature_columns + [pre.label]
-    for batch in shard.iter_batches(batch_size=65536, batch_format="pandas"):
-        batch = batch[cols]
-        xs.append(pre.transform(batch))
-        ys.append(pre.labels(batch))
-    if not xs:
-        empty = pre.transform(__import__("pandas").DataFrame({c: [] for c in cols}))
-        return empty, np.zeros(0, dtype=np.float32)
-    x = {k: np.concatenate([b[k] for b in xs]) for k in xs[0]}
-    return x, np.concatenate(ys)
+    df = shard.to_pandas()
+    if len(df) == 0:
+        df = __import__("pandas").DataFrame({c: [] for c in cols})
+    df = df[cols]
+    return pre.transform(df), pre.labels(df)
 
 
 def _tf_dataset(
     tf: Any, x: dict[str, np.ndarray], y: np.ndarray, batch: int, seed: int, shuffle: bool
 ) -> Any:
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        ds = ds.shuffle(min(len(y), 200_000), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch, drop_remainder=False).repeat().prefetch(tf.data.AUTOTUNE)
+    """Batches gathered from in-memory tensors, as Keras does for numpy input: one permutation
+    of the row indices per pass, cut into batches, rows gathered per batch. (Per-row tf.data
+    work, ``from_tensor_slices(...).shuffle(...).batch(...)``, cost 3x the CPU of the model's
+    own steps.)"""
+    n = len(y)
+    data = ({k: tf.constant(v) for k, v in x.items()}, tf.constant(y))
+    full = n // batch
+    rest = n - full * batch
+
+    def order(_: Any) -> Any:
+        idx = tf.range(n, dtype=tf.int64)
+        return tf.random.shuffle(idx, seed=seed) if shuffle else idx
+
+    def batches(idx: Any) -> Any:
+        ds = tf.data.Dataset.from_tensor_slices(tf.reshape(idx[: full * batch], [full, batch]))
+        if rest:
+            ds = ds.concatenate(tf.data.Dataset.from_tensors(idx[full * batch :]))
+        return ds
+
+    ds = tf.data.Dataset.range(1).repeat().map(order).flat_map(batches)
+    ds = ds.map(lambda i: tf.nest.map_structure(lambda d: tf.gather(d, i), data))
+    # Infinite, as .repeat() made the previous pipeline: with an unknown cardinality (flat_map)
+    # MultiWorkerMirroredStrategy checks every step, with one more collective, that all
+    # workers still have data.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+    ds = ds.prefetch(tf.data.AUTOTUNE)
     opts = tf.data.Options()
     opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(opts)
+
+
+def _local_metric_steps(model: Any, tf: Any) -> None:
+    """Under MultiWorkerMirroredStrategy: train/test steps that update the metrics without
+    reading them.
+
+    Keras' default steps return ``metric.result()`` every step, and under the strategy each read
+    all-reduces the metric's total and count, and Keras then sums the returned values across
+    the workers: 6 of the 7 collectives of a step (for a loss plus one metric; the 7th is the
+    gradients'), each a gRPC round trip between the workers. Keras reads the metrics itself,
+    synchronized, at the end of each epoch, replacing the step's values (same names), so the
+    epoch logs are unchanged.
+    """
+    import types
+
+    def train_step(self: Any, data: Any) -> Any:
+        x, y = data
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x, y, y_pred, None)
+        self.optimizer.minimize(loss, self.trainable_variables, tape=tape)
+        self.compiled_metrics.update_state(y, y_pred)
+        return {m.name: tf.constant(0.0) for m in self.metrics}
+
+    def test_step(self: Any, data: Any) -> Any:
+        x, y = data
+        y_pred = self(x, training=False)
+        self.compute_loss(x, y, y_pred, None)
+        self.compiled_metrics.update_state(y, y_pred)
+        return {m.name: tf.constant(0.0) for m in self.metrics}
+
+    model.train_step = types.MethodType(train_step, model)
+    model.test_step = types.MethodType(test_step, model)
+    # And the steps' returned values taken from the local replica, not summed across the
+    # workers (2 more collectives a step); Keras does not use them beyond batch-level logs.
+    model.distribute_reduction_method = "first"
 
 
 def _save(
@@ -112,8 +173,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed = int(config.get("seed", 0))
     keras.utils.set_random_seed(seed + rank)
 
-    x_tr, y_tr = _arrays(rt.get_dataset_shard("train"), pre)
-    x_va, y_va = _arrays(rt.get_dataset_shard("validation"), pre)
+    x_tr, y_tr = _arrays(config["shards"]["train"][rank], pre)
+    x_va, y_va = _arrays(config["shards"]["validation"][rank], pre)
     per_worker = max(1, int(params["batch_size"]) // world)
     steps = max(1, -(-len(y_tr) // per_worker))
     val_steps = max(1, -(-len(y_va) // per_worker))
@@ -137,7 +198,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 start_epoch = json.loads((Path(d) / STATE_FILE).read_text())["epoch"] + 1
         else:
             model = build_model(pre, params)
-            compile_model(model, pre.task, float(params["learning_rate"]))
+            compile_model(
+                model,
+                pre.task,
+                float(params["learning_rate"]),
+                steps_per_execution=STEPS_PER_EXECUTION,
+            )
+        if ckpt is not None:  # a resumed model keeps its compile settings but not this one
+            model._configure_steps_per_execution(STEPS_PER_EXECUTION)
+        if world > 1:
+            _local_metric_steps(model, tf)
 
     class Report(keras.callbacks.Callback):  # type: ignore[name-defined,misc]
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
@@ -201,6 +271,104 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rt.report(final, checkpoint=rt.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
+def _set_tf_config(addresses: list[str], index: int) -> None:
+    os.environ["TF_CONFIG"] = json.dumps(
+        {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+    )
+
+
+def _worker_address() -> str:
+    from ray.train._internal.utils import get_address_and_port
+
+    address, port = get_address_and_port()
+    return f"{address}:{port}"
+
+
+def _prepare_worker() -> None:
+    """On each worker once the worker group is up: tf-keras, and TensorFlow's import (~2 s)
+    started in the background so that it overlaps the rest of Ray Train's start-up (the train
+    loop's own import waits for it; thread settings still apply: importing does not start
+    TensorFlow's runtime)."""
+    import importlib
+    import threading
+
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    threading.Thread(
+        target=lambda: [importlib.import_module(m) for m in ("tensorflow", "tf_keras")],
+        name="rayline-tf-import",
+        daemon=True,
+    ).start()
+
+
+@functools.cache
+def _ray_train() -> Any:
+    """Ray Train's ``TensorflowTrainer`` and the backend config Rayline gives it (Ray Train
+    imported on first use)."""
+    from ray.train.backend import Backend, BackendConfig
+
+    try:  # the class itself: ``ray.train.tensorflow`` (the package) imports TensorFlow
+        from ray.train.v2.tensorflow.tensorflow_trainer import TensorflowTrainer
+    except ImportError:  # another Ray version
+        from ray.train.tensorflow import TensorflowTrainer  # type: ignore[assignment]
+
+    class KerasBackend(Backend):  # type: ignore[misc]
+        """Sets ``TF_CONFIG`` for ``MultiWorkerMirroredStrategy`` on each worker, as Ray's own
+        ``TensorflowConfig`` does, and tf-keras; unlike it, never imports TensorFlow in the
+        driver or in the Ray Train controller (importing ``ray.train.tensorflow`` does: ~2 s of
+        CPU in each, competing with the workers' start-up)."""
+
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            import ray
+
+            worker_group.execute(_prepare_worker)
+            if len(worker_group) > 1:
+                urls = worker_group.execute(_worker_address)
+                ray.get(
+                    [
+                        worker_group.execute_single_async(
+                            i, _set_tf_config, addresses=urls, index=i
+                        )
+                        for i in range(len(worker_group))
+                    ]
+                )
+
+    class KerasBackendConfig(BackendConfig):  # type: ignore[misc]
+        @property
+        def backend_cls(self) -> Any:
+            return KerasBackend
+
+    class Trainer(TensorflowTrainer):  # type: ignore[misc]
+        """Ray Train's ``TensorflowTrainer`` with two changes.
+
+        - Its backend is :class:`KerasBackend`: ``TensorflowTrainer.__init__`` itself imports
+          ``ray.train.tensorflow`` for its default config, so it is bypassed (it does nothing
+          else: the class is a ``DataParallelTrainer`` with a TensorFlow backend).
+        - No PlacementGroupCleaner. That detached actor asks the state API whether the
+          controller is alive, and the state API finds its cluster from RAY_ADDRESS or
+          /tmp/ray/ray_current_cluster, not from the Ray instance it runs in: on a machine where
+          a (stale) cluster was started with ``ray start`` the query hangs, and every run's
+          shutdown waited out the cleaner's 12 s stop timeout. (Placement groups of trials
+          that Tune stops are removed by rayline.ml.tune.)
+        """
+
+        def __init__(self, train_loop_per_worker: Any, **kwargs: Any) -> None:
+            kwargs["backend_config"] = KerasBackendConfig()
+            super(TensorflowTrainer, self).__init__(train_loop_per_worker, **kwargs)
+
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            try:
+                from ray.train.v2._internal.callbacks.placement_group_callback import (
+                    PlacementGroupCleanerCallback,
+                )
+            except ImportError:  # another Ray version: keep its defaults
+                return list(callbacks)
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return Trainer
+
+
 def fit_keras(
     datasets: dict[str, Any],
     pre: Preprocessor,
@@ -229,14 +397,26 @@ def fit_keras(
         RuntimeError: training failed (the error of the failing worker).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
 
     params = params or model_params(ml)
     t = ml.training
     threads = t.threads_per_worker or max(1, int(t.cpus_per_worker))
     storage = Path(storage_path).resolve()
     storage.mkdir(parents=True, exist_ok=True)
-    trainer = TensorflowTrainer(
+    n = t.num_workers
+    # Each worker's shard, split here: splitting a materialized dataset regroups its blocks,
+    # where passing the datasets to Ray Train starts a DatasetManager actor and a
+    # SplitCoordinator actor per dataset (a new process each: ~3.5 s for 1 worker).
+    shards = {
+        k: datasets[k].split(n, equal=True) if n > 1 else [datasets[k]]
+        for k in ("train", "validation")
+    }
+    # The controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s) and
+    # a worker's report waits for that poll (a queue of one): each per-epoch report after the
+    # first, the final report and the end of the run waited up to 2 s each.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    trainer_cls = _ray_train()
+    trainer = trainer_cls(
         train_loop_per_worker,
         train_loop_config={
             "pre": pre.to_dict(),
@@ -245,11 +425,11 @@ def fit_keras(
             "seed": ml.split.seed,
             "model_name": ml.model_name,
             "run_name": name,
+            "shards": shards,
         },
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, resources_per_worker={"CPU": t.cpus_per_worker}
+            num_workers=n, resources_per_worker={"CPU": t.cpus_per_worker}
         ),
-        datasets={"train": datasets["train"], "validation": datasets["validation"]},
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
