@@ -54,7 +54,8 @@ job() {  # job NAME ARGS...: submit a workload as a Ray job and follow its logs 
   id=$(grep -o "rayline-$name-[0-9]*" <<<"$out" | head -1)
   echo "job $id (Jobs view: $addr/#/jobs)"
   ray job logs --address "$addr" --follow "$id" | grep -E --line-buffered \
-    "INFO (\[|run |split|preprocessor|training|tuning|trial|evaluated|promoted|published|Spark GBT|handoff)|model:|report:|succeeded|WARNING rayline|error" || true
+    "INFO (\[|run |split|preprocessor|training|tuning|trial|evaluated|promoted|published|Spark GBT|handoff)|model:|report:|succeeded|WARNING rayline|error" \
+    | grep -v -E --line-buffered "^[IWE][0-9]{4} " || true  # not TensorFlow's absl lines
   local status
   status=$(ray job status --address "$addr" "$id" 2>&1 | tr -d '\033' | grep -oiE "succeeded|failed|stopped" | tail -1)
   [ "${status,,}" = "succeeded" ] || { echo "job $id: $status; see: ray job logs --address $addr $id" >&2; exit 1; }
