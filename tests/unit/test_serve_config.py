@@ -46,6 +46,34 @@ def test_flights_config_is_a_valid_serve_deploy_config():
     assert "autoscaling_config" in raw["applications"][0]["deployments"][0]
 
 
+def test_flights_config_multiplexed_example_is_valid():
+    """The commented multiplexed example: its args and its "models" entry, uncommented."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema
+
+    lines = FLIGHTS.read_text().splitlines()
+    start = lines.index("      # - name: models")
+    entry = yaml.safe_load("\n".join(line.removeprefix("      # ") for line in lines[start:]))
+    (raw,) = entry
+    d = DeploymentSchema.model_validate(raw)
+    settings = yaml.safe_load(
+        "\n".join(
+            line.removeprefix("      #     ")
+            for line in lines
+            if line.startswith("      #     mode:") or "max_models_per_replica: " in line
+        )
+    )
+    assert settings["mode"] == "multiplexed"
+    args = ServeArgs.model_validate(flights_config()["applications"][0]["args"] | settings)
+    need = 2 * args.batching.max_batch_size * args.max_models_per_replica
+    assert d.name == "models" and d.max_ongoing_requests >= need
+    parsed = AutoscalingConfig.model_validate(d.autoscaling_config)
+    assert set(d.autoscaling_config) <= set(AutoscalingConfig.model_fields)
+    assert parsed.target_ongoing_requests <= d.max_ongoing_requests
+    # the active config is unchanged: fused
+    assert flights_config()["applications"][0]["args"]["mode"] == "fused"
+
+
 def test_flights_config_serves_the_flights_pipeline_model():
     pipeline = yaml.safe_load((ROOT / "pipelines" / "flights.yaml").read_text())
     args = ServeArgs.model_validate(flights_config()["applications"][0]["args"])
@@ -73,6 +101,22 @@ def test_serve_args_defaults_and_refs(monkeypatch):
         ({"models": [{"name": "m"}], "batching": {"max_batch_size": 0}}, "greater than or equal"),
         ({"models": [{"name": "m"}], "batching": {"max_batchsize": 8}}, "Extra inputs"),
         ({"models": [{"name": "m"}], "auth": {"enabled": True, "keys_env": None}}, "keys_env"),
+        (
+            {"models": [{"name": "m"}], "mode": "shared"},
+            r"mode\n  Input should be 'fused', 'split' or 'multiplexed'",
+        ),
+        (
+            {"models": [{"name": "m"}], "max_models_per_replica": 0},
+            r"max_models_per_replica\n  Input should be greater than or equal to 1",
+        ),
+        (
+            {"models": [{"name": "m"}], "max_models_per_replica": "three"},
+            r"max_models_per_replica\n  Input should be a valid integer",
+        ),
+        (
+            {"models": [{"name": "m"}], "max_models_per_replica": 65},
+            r"max_models_per_replica\n  Input should be less than or equal to 64",
+        ),
     ],
 )
 def test_serve_args_errors_name_the_key(raw, message):
@@ -92,7 +136,7 @@ def _register(tmp_path, name="m"):
     return reg
 
 
-def _built(tmp_path, mode):
+def _built(tmp_path, mode, **more):
     from ray.serve._private.build_app import build_app as serve_build
 
     from rayline.serve import app_builder
@@ -105,6 +149,7 @@ def _built(tmp_path, mode):
             "models": [{"name": "a"}, {"name": "b", "ref": 1}],
             "batching": {"max_batch_size": 32},
             "mode": mode,
+            **more,
         }
     )
     built = serve_build(app, name="t")
@@ -130,6 +175,79 @@ def test_app_builder_fused_loads_the_models_in_the_ingress(tmp_path):
     assert set(models) == {"a", "b"} and models["b"]["config"]["ref"] == "1"
     env = ingress.ray_actor_options["runtime_env"]["env_vars"]
     assert env["TF_USE_LEGACY_KERAS"] == "1"
+
+
+def test_serve_args_multiplexed_mode():
+    args = ServeArgs.model_validate({"registry": "r", "models": [{"name": "m"}]})
+    assert args.mode == "fused" and args.max_models_per_replica == 3
+    args = ServeArgs.model_validate(
+        {
+            "registry": "r",
+            "models": [{"name": "m"}, {"name": "n"}],
+            "mode": "multiplexed",
+            "max_models_per_replica": "1",
+        }
+    )
+    assert args.mode == "multiplexed" and args.max_models_per_replica == 1
+
+
+@pytest.mark.parametrize("per_replica", [1, 3])
+def test_app_builder_multiplexed_builds_one_shared_deployment(tmp_path, per_replica):
+    import inspect
+
+    from ray.serve._private.utils import _callable_uses_multiplexing
+
+    from rayline.ml.registry import ModelRegistry
+
+    deps = _built(tmp_path, "multiplexed", max_models_per_replica=per_replica)
+    assert set(deps) == {"ingress", "models"}
+    shared = deps["models"]
+    # every model a replica holds may have a batch in flight
+    assert shared._deployment_config.max_ongoing_requests >= 32 * per_replica
+    assert shared.ray_actor_options["runtime_env"]["env_vars"]["TF_USE_LEGACY_KERAS"] == "1"
+    registry, configs, threads = shared.init_args
+    assert registry == str(ModelRegistry(tmp_path / "reg").uri)
+    assert set(configs) == {"a", "b"} and configs["b"]["ref"] == "1"
+    assert configs["a"]["max_batch_size"] == 32 and threads == 1
+    cls = shared.func_or_class
+    assert _callable_uses_multiplexing(cls)
+    bound = inspect.getclosurevars(cls.get_model).nonlocals["max_num_models_per_replica"]
+    assert bound == per_replica
+    models = deps["ingress"].init_args[0]
+    assert models == {"a": None, "b": None}  # served through the shared deployment
+
+
+def test_build_app_multiplexed_options_override_the_shared_deployment(tmp_path):
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from rayline.serve.app import build_app
+
+    _register(tmp_path, "a")
+    args = ServeArgs.model_validate(
+        {"registry": str(tmp_path / "reg"), "models": [{"name": "a"}], "mode": "multiplexed"}
+    )
+    over = {"num_replicas": 3, "ray_actor_options": {"num_cpus": 0.25}}
+    app = build_app(args, model_options=over)
+    deps = {d.name: d for d in serve_build(app, name="t").deployments}
+    assert deps["models"]._deployment_config.num_replicas == 3
+    actor = deps["models"].ray_actor_options
+    assert actor["num_cpus"] == 0.25 and "runtime_env" in actor  # merged, not replaced
+
+
+def test_shared_models_user_config_is_checked_by_model_name():
+    import asyncio
+
+    from rayline.serve.model import ModelConfig, SharedModels
+
+    cfg = ModelConfig().model_dump()
+    shared = SharedModels("reg", {"a": cfg, "b": cfg})
+    with pytest.raises(ValueError, match="no model nope is served here"):
+        shared.reconfigure({"nope": {"ref": "2"}})
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        shared.reconfigure({"a": {"max_batch_size": 0}})
+    shared.reconfigure({"a": {"ref": "2"}})  # nothing loaded: applied at the next load
+    status = asyncio.run(shared.status())
+    assert status["loaded"] == {} and status["models"] == ["a", "b"] and status["loads"] == 0
 
 
 def test_app_builder_fails_fast_on_an_unknown_model_or_alias(tmp_path):

@@ -2,9 +2,11 @@
 
 It binds the :class:`~rayline.serve.ingress.Ingress` deployment (named ``ingress``) with each
 model's :class:`~rayline.serve.model.ModelServer` loaded in it (``mode: fused``, the default),
-or bound as a deployment of its own named ``model-<name>`` (``mode: split``). Deployment options
-set here are defaults; a config's ``deployments:`` entries (autoscaling, resources,
-``max_ongoing_requests``, ``user_config``) override them by name.
+or bound as a deployment of its own named ``model-<name>`` (``mode: split``), or loaded on
+demand by the replicas of one shared deployment named ``models`` (``mode: multiplexed``,
+``@serve.multiplexed``; the ingress passes the model name as the multiplexed model id).
+Deployment options set here are defaults; a config's ``deployments:`` entries (autoscaling,
+resources, ``max_ongoing_requests``, ``user_config``) override them by name.
 """
 
 # No `from __future__ import annotations`: Serve reads app_builder's annotation at run time to
@@ -18,11 +20,12 @@ from ..ml.registry import ModelRegistry, RegistryError
 from .auth import load_keys
 from .config import ServeArgs
 from .ingress import Ingress
-from .model import ModelConfig, ModelServer
+from .model import ModelConfig, ModelServer, shared_models_class
 
 __all__ = ["app_builder", "build_app"]
 
 INGRESS_NAME = "ingress"
+SHARED_NAME = "models"  # the shared model deployment of multiplexed mode
 _ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
@@ -58,13 +61,13 @@ def build_app(
         args: The application arguments.
         check: Resolve every model's ref in the registry first (fail fast on a typo).
         model_options: Deployment options for every model deployment over the defaults (e.g.
-            ``{"num_replicas": 2}``; split mode); a Serve config's ``deployments:`` does the
-            same by name.
+            ``{"num_replicas": 2}``; split mode; in multiplexed mode, the shared deployment); a
+            Serve config's ``deployments:`` does the same by name.
         ingress_options: Deployment options for the ingress over the defaults.
 
     Returns:
-        The application: the ingress, with the models loaded in it (fused) or bound to one
-        deployment per model (split).
+        The application: the ingress, with the models loaded in it (fused), bound to one
+        deployment per model (split) or to the shared deployment (multiplexed).
 
     Raises:
         ValueError: a model or ref does not resolve.
@@ -78,6 +81,14 @@ def build_app(
         None if keyring is None else [k.__dict__ | {"models": list(k.models)} for k in keyring.keys]
     )
     models: dict[str, Any] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    model_defaults = {
+        # Serve caps a batch at max_ongoing_requests; leave room for the next batch.
+        "max_ongoing_requests": 2 * args.batching.max_batch_size,
+        "ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": _ENV}},
+        "health_check_period_s": 5,
+        "graceful_shutdown_timeout_s": 10,
+    }
     for m in args.models:
         cfg = ModelConfig(
             ref=m.ref,
@@ -94,20 +105,26 @@ def build_app(
                 "threads": args.threads,
             }
             continue
-        options = _options(
-            {
-                # Serve caps a batch at max_ongoing_requests; leave room for the next batch.
-                "max_ongoing_requests": 2 * args.batching.max_batch_size,
-                "ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": _ENV}},
-                "health_check_period_s": 5,
-                "graceful_shutdown_timeout_s": 10,
-            },
-            model_options,
-        )
+        if args.mode == "multiplexed":  # loaded on demand by the shared deployment's replicas
+            configs[m.name] = cfg
+            models[m.name] = None
+            continue
+        options = _options(model_defaults, model_options)
         deployment = serve.deployment(name=m.deployment_name, user_config=cfg, **options)(
             ModelServer
         )
         models[m.name] = deployment.bind(registry, m.name, cfg, args.threads)
+    shared = None
+    if args.mode == "multiplexed":
+        cls = shared_models_class(args.max_models_per_replica)
+        # Every model of a replica may have a batch in flight.
+        defaults = model_defaults | {
+            "max_ongoing_requests": 2 * args.batching.max_batch_size * args.max_models_per_replica
+        }
+        options = _options(defaults, model_options)
+        shared = serve.deployment(name=SHARED_NAME, **options)(cls).bind(
+            registry, configs, args.threads
+        )
     actor: dict[str, Any] = {"num_cpus": 0.25}
     if args.mode == "fused":
         actor = {"num_cpus": 0.5, "runtime_env": {"env_vars": _ENV}}
@@ -117,7 +134,12 @@ def build_app(
     )
     ingress = serve.deployment(name=INGRESS_NAME, **options)(Ingress)
     return ingress.bind(
-        models, registry, keys, args.limits.max_body_bytes, args.limits.request_timeout_s
+        models,
+        registry,
+        keys,
+        args.limits.max_body_bytes,
+        args.limits.request_timeout_s,
+        shared,
     )
 
 

@@ -148,12 +148,21 @@ class ServeArgs(_Args):
     batching: BatchingArgs = Field(default_factory=BatchingArgs, description="Batching.")
     auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys.")
     limits: LimitsArgs = Field(default_factory=LimitsArgs, description="Request bounds.")
-    mode: Literal["fused", "split"] = Field(
+    mode: Literal["fused", "split", "multiplexed"] = Field(
         "fused",
         description="fused: the models are loaded in the ingress replicas (one deployment, no "
         "actor call between HTTP and the model: the fast path). split: one deployment per "
         "model behind the ingress (models scale and are placed apart from the HTTP layer; one "
-        "more actor call per request).",
+        "more actor call per request). multiplexed: one shared deployment, 'models', whose "
+        "replicas load models on demand (@serve.multiplexed), at most max_models_per_replica "
+        "each; requests go to a replica that holds their model (many models, few replicas).",
+    )
+    max_models_per_replica: int = Field(
+        3,
+        ge=1,
+        le=64,
+        description="multiplexed mode: most models loaded in one replica of the shared "
+        "deployment; loading another evicts the least recently used. Ignored by other modes.",
     )
     poll_interval_s: float = Field(
         2.0,

@@ -6,7 +6,8 @@
   aliases and metrics.
 - ``GET /v1/models/{name}``: the served version's signature, metrics and a JSON Schema of a row.
 - ``GET /healthz`` (the ingress answers) and ``GET /readyz`` (every model has a replica that
-  answers), both open.
+  answers; in multiplexed mode, the shared deployment answers: a model not loaded yet is
+  reported ``"loaded": false`` and loaded by its next request), both open.
 
 The ingress checks the API key and the body size, then hands the body to the model deployment,
 which parses and checks it against the version it serves (so checks and model never disagree),
@@ -135,6 +136,32 @@ class _Remote:
         return info
 
 
+class _Multiplexed:
+    """A model loaded on demand by the replicas of the shared deployment (multiplexed mode):
+    Serve routes the call to a replica that holds the model when one does."""
+
+    def __init__(self, handle: DeploymentHandle, name: str) -> None:
+        self._handle = handle.options(multiplexed_model_id=name)
+        self._name = name
+
+    async def predict(self, body: bytes) -> tuple[int, bytes]:
+        result: tuple[int, bytes] = await self._handle.predict.remote(body)
+        return result
+
+    async def ready(self) -> dict[str, Any]:
+        """What the replica asked serves of the model; a model it does not hold (loaded on the
+        next request) is ``{"loaded": False}``: readiness never loads or evicts a model."""
+        status: dict[str, Any] = await self._handle.status.remote()
+        served: dict[str, Any] | None = status["loaded"].get(self._name)
+        if served is None:
+            return {"name": self._name, "loaded": False}
+        return served | {"loaded": True}
+
+    async def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = await self._handle.info.remote()
+        return info
+
+
 class _Local:
     """A model loaded in the ingress replica itself (no actor call per request)."""
 
@@ -168,26 +195,36 @@ class Ingress:
     """The HTTP front of the application (deployed by :func:`rayline.serve.app_builder`).
 
     Args:
-        models: By model name, the model's deployment (a handle), or the arguments of a
-            :class:`~rayline.serve.model.ModelServer` to load it in this replica ("fused").
+        models: By model name, the model's deployment (a handle), the arguments of a
+            :class:`~rayline.serve.model.ModelServer` to load it in this replica ("fused"), or
+            None for a model of the ``shared`` deployment ("multiplexed").
         registry: The registry path or URI (for ``GET /v1/models``).
         keys: API key entries (``id``, ``sha256``, ``models``); None: no auth.
         max_body_bytes: Largest body accepted.
         request_timeout_s: How long to wait for a model replica.
+        shared: The shared model deployment (multiplexed mode), whose replicas load the models
+            on demand; the model name is the multiplexed model id.
     """
 
     def __init__(
         self,
-        models: dict[str, DeploymentHandle | dict[str, Any]],
+        models: dict[str, DeploymentHandle | dict[str, Any] | None],
         registry: str,
         keys: list[dict[str, Any]] | None,
         max_body_bytes: int,
         request_timeout_s: float,
+        shared: DeploymentHandle | None = None,
     ) -> None:
-        self._models = {
-            name: _Remote(m) if isinstance(m, DeploymentHandle) else _Local(ModelServer(**m))
-            for name, m in models.items()
-        }
+        self._models: dict[str, _Remote | _Local | _Multiplexed] = {}
+        for name, m in models.items():
+            if m is None:
+                if shared is None:
+                    raise ValueError(f"model {name!r}: no shared deployment to serve it")
+                self._models[name] = _Multiplexed(shared, name)
+            elif isinstance(m, DeploymentHandle):
+                self._models[name] = _Remote(m)
+            else:
+                self._models[name] = _Local(ModelServer(**m))
         self._registry = registry
         self._keys = None if keys is None else KeyRing([ApiKey(**k) for k in keys])
         self._max_body = max_body_bytes
@@ -308,7 +345,7 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _call(self, model: _Remote | _Local, body: bytes) -> tuple[int, bytes]:
+    async def _call(self, model: _Remote | _Local | _Multiplexed, body: bytes) -> tuple[int, bytes]:
         """The model replica's answer; a replica that dies under the request is retried."""
         deadline = time.monotonic() + self._timeout
         for attempt in range(1, _RETRIES + 1):
@@ -398,7 +435,8 @@ class Ingress:
         names = list(self._models)
         states = await asyncio.gather(*(self._ready(n) for n in names))
         models = dict(zip(names, states, strict=True))
-        ok = all("version" in s for s in states)
+        # multiplexed: a model no replica holds yet is ready (loaded on its first request)
+        ok = all("version" in s or s.get("loaded") is False for s in states)
         return _json(
             200 if ok else 503, {"status": "ready" if ok else "not_ready", "models": models}
         )

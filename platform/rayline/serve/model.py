@@ -1,6 +1,7 @@
 """A model's server: one registered model, loaded once per replica, batched with
 ``@serve.batch``, following its alias in the registry. In split mode it is a deployment of its
-own; in fused mode each ingress replica holds one per model.
+own; in fused mode each ingress replica holds one per model; in multiplexed mode the replicas of
+one shared deployment (:class:`SharedModels`) load them on demand with ``@serve.multiplexed``.
 
 In split mode, settings that may change while the deployment runs arrive as its
 ``user_config`` (:class:`ModelConfig`) and are applied in place by
@@ -16,6 +17,7 @@ answer names its version. A registry that cannot be read leaves the replica serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -28,7 +30,7 @@ from .metrics import ModelMetrics
 from .scoring import LoadedModel, Scored, dumps, load_version
 from .validation import Checked
 
-__all__ = ["ModelConfig", "ModelServer"]
+__all__ = ["ModelConfig", "ModelServer", "SharedModels", "shared_models_class"]
 
 log = logging.getLogger("ray.serve")
 
@@ -69,6 +71,7 @@ class ModelServer:
         self._cfg = ModelConfig.model_validate(config)
         self._stop = threading.Event()
         self._swap = threading.Lock()
+        self._inflight = 0
         mv = self._registry.get(name, self._cfg.ref)
         if mv.metadata.get("framework", "keras") == "keras":
             from ..ml.keras_model import use_tf_keras
@@ -135,8 +138,39 @@ class ModelServer:
                     e,
                 )
 
-    def __del__(self) -> None:
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (the model was evicted or its replica stops)."""
+        return self._stop.is_set()
+
+    def close(self) -> None:
+        """Stop following the alias; release the batch queue once no request is in flight.
+
+        Serve's multiplexer calls ``__del__`` (hence this) when it evicts the model; it may run
+        in a worker thread. The batch queue's task would otherwise keep the model in memory.
+        """
+        if self._stop.is_set():
+            return
         self._stop.set()
+        batch = getattr(self, "_score_batch", None)  # (absent if __init__ failed)
+        lazy = getattr(getattr(batch, "set_max_batch_size", None), "__self__", None)
+        queue = getattr(lazy, "_queue", None)  # created on the first batched request
+        task = getattr(queue, "_handle_batch_task", None)
+        loop = getattr(queue, "_loop", None)
+        if task is None or loop is None or task.done():
+            return
+
+        async def release() -> None:
+            while self._inflight:  # requests admitted before the eviction finish first
+                await asyncio.sleep(0.1)
+            task.cancel()
+
+        with contextlib.suppress(RuntimeError):  # a closed loop: nothing left to release
+            loop.call_soon_threadsafe(lambda: loop.create_task(release()))
+
+    def __del__(self) -> None:
+        if hasattr(self, "_stop"):
+            self.close()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -153,6 +187,13 @@ class ModelServer:
 
         Bad input is answered (413/422), never raised.
         """
+        self._inflight += 1
+        try:
+            return await self._predict(body)
+        finally:
+            self._inflight -= 1
+
+    async def _predict(self, body: bytes) -> tuple[int, bytes]:
         loaded = self._loaded  # the version this request is checked against and scored by
         checked, error = loaded.check(body, self._cfg.max_rows)
         if checked is None:
@@ -175,6 +216,109 @@ class ModelServer:
         for version, rows in sizes:
             self._metrics.batch(rows, version)
         return results
+
+
+class SharedModels:
+    """The shared model deployment of ``mode: multiplexed`` (named ``models``).
+
+    Each replica loads the models it is asked for on demand, at most ``max_models_per_replica``
+    at a time (least recently used evicted): a :class:`ModelServer` per model, so validation,
+    batching, alias following and metrics are those of the other modes. The model is the
+    request's multiplexed model id (the name in the path), which the ingress sets with
+    ``handle.options(multiplexed_model_id=name)`` so Serve routes a request to a replica that
+    holds its model. Build the deployable class with :func:`shared_models_class`.
+
+    ``user_config`` (optional): by model name, :class:`ModelConfig` keys over that model's
+    settings, applied to the loaded copies and to later loads.
+
+    Args:
+        registry: The registry path or URI.
+        models: By model name, its initial :class:`ModelConfig` (as a dict): the models served.
+        threads: TensorFlow threads in this replica (None: TensorFlow's default).
+    """
+
+    def __init__(
+        self, registry: str, models: dict[str, dict[str, Any]], threads: int | None = 1
+    ) -> None:
+        self._registry = registry
+        self._configs = {name: dict(cfg) for name, cfg in models.items()}
+        self._threads = threads
+        self._overrides: dict[str, dict[str, Any]] = {}
+        self._servers: dict[str, ModelServer] = {}  # what the multiplexer holds (and closed ones)
+        self._loads = 0
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Apply a ``user_config``: per model name, settings over its initial ones."""
+        config = dict(config or {})
+        unknown = sorted(set(config) - set(self._configs))
+        if unknown:
+            raise ValueError(f"user_config: no model {', '.join(unknown)} is served here")
+        for name, over in config.items():
+            ModelConfig.model_validate(self._configs[name] | dict(over or {}))  # fail early
+        self._overrides = {name: dict(over or {}) for name, over in config.items()}
+        for name, server in self._live().items():
+            server.reconfigure(self._overrides.get(name, {}))
+
+    def _live(self) -> dict[str, ModelServer]:
+        self._servers = {n: s for n, s in self._servers.items() if not s.closed}
+        return dict(self._servers)
+
+    async def get_model(self, name: str) -> ModelServer:
+        """The model's server, loaded if needed (``@serve.multiplexed`` in the subclass)."""
+        return await self._load(name)
+
+    async def _load(self, name: str) -> ModelServer:
+        cfg = self._configs[name] | self._overrides.get(name, {})
+        server = await asyncio.to_thread(ModelServer, self._registry, name, cfg, self._threads)
+        self._live()
+        self._servers[name] = server
+        self._loads += 1
+        return server
+
+    async def _model(self) -> ModelServer:
+        name = serve.get_multiplexed_model_id()
+        if name not in self._configs:
+            raise ValueError(f"model {name!r} is not served here")
+        return await self.get_model(name)
+
+    async def predict(self, body: bytes) -> tuple[int, bytes]:
+        """:meth:`ModelServer.predict` of the request's model."""
+        return await (await self._model()).predict(body)
+
+    async def info(self) -> dict[str, Any]:
+        """:meth:`ModelServer.info` of the request's model (loaded if needed)."""
+        return (await self._model()).info()
+
+    async def status(self) -> dict[str, Any]:
+        """What this replica holds (nothing is loaded): per model loaded, what it serves; the
+        alias-following threads running; how many loads it made; the models it may load."""
+        return {
+            "loads": self._loads,
+            "loaded": {name: s.ready() for name, s in self._live().items()},
+            "followers": sorted(
+                t.name
+                for t in threading.enumerate()
+                if t.name.startswith("rayline-follow-") and t.is_alive()
+            ),
+            "models": sorted(self._configs),
+        }
+
+    def __del__(self) -> None:
+        for server in list(getattr(self, "_servers", {}).values()):
+            server.close()
+
+
+def shared_models_class(max_models_per_replica: int) -> type[SharedModels]:
+    """:class:`SharedModels` whose ``get_model`` is ``@serve.multiplexed`` with this bound
+    (the decorator's bound is fixed when a class is defined, so the class is made here)."""
+
+    class MultiplexedModels(SharedModels):
+        @serve.multiplexed(max_num_models_per_replica=max_models_per_replica)
+        async def get_model(self, name: str) -> ModelServer:
+            return await self._load(name)
+
+    MultiplexedModels.__qualname__ = MultiplexedModels.__name__
+    return MultiplexedModels
 
 
 def _score_groups(
