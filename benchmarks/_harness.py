@@ -9,6 +9,7 @@ Each script runs as ``python benchmarks/<name>.py``, so this module is importabl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,11 +19,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULT_TAG", "NOTE_TAG", "emit", "note", "kill_group", "run_child", "Meter"]
+__all__ = [
+    "RESULT_TAG",
+    "NOTE_TAG",
+    "setup_child_logging",
+    "emit",
+    "note",
+    "kill_group",
+    "run_child",
+    "Meter",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_TAG = "@@BENCH_RESULT@@ "
 NOTE_TAG = "@@BENCH_NOTE@@ "
+
+
+def setup_child_logging() -> None:
+    """A child's log format (its stderr goes to the run's log file), without the chatty
+    loggers."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("py4j", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def emit(result: dict[str, Any]) -> None:
@@ -105,50 +128,82 @@ def run_child(
 
 
 class Meter:
-    """Wall time of one run, the CPU time the child's session used (every process of it: Ray,
-    JVMs, Python) and the CPU time everything else on the machine used meanwhile (noise).
-    CPU figures need Linux /proc; elsewhere they are None."""
+    """Wall time of one run, CPU seconds of the child's session (the child and every process it
+    started: Ray's GCS/raylet/workers, JVMs, TensorFlow) and CPU the rest of the machine used
+    meanwhile, as % of all cores (noise). CPU figures need Linux /proc; elsewhere they are None.
+
+    The session's processes are sampled every 0.2 s while the meter runs, each one's last seen
+    CPU kept: Ray (Train, Data, RayDP) starts and ends processes during a run, and a snapshot at
+    the end alone would count the CPU of those that exited as the rest of the machine's."""
 
     def __init__(self) -> None:
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.wall = 0.0
         self.cpu: float | None = None
         self.other_pct: float | None = None
+        self._first: dict[tuple[int, int], int] = {}  # (pid, start time) -> CPU ticks
+        self._last: dict[tuple[int, int], int] = {}
+        self._stop = threading.Event()
+        self._ok = True
+        self._sampling_started = False
 
-    def _snap(self) -> tuple[float, float | None, float | None]:
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-            busy = sum(v[:3]) + sum(v[5:7])  # user nice system + irq softirq (not idle/iowait)
-            sid, ours = os.getsid(0), 0
-            for d in os.listdir("/proc"):
-                if not d.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{d}/stat") as f:
-                        rest = f.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(rest[3]) == sid:  # utime stime cutime cstime (reaped children included)
-                    ours += sum(int(x) for x in rest[11:15])
-            return time.perf_counter(), busy / self.tick, ours / self.tick
-        except (OSError, ValueError, IndexError):
-            return time.perf_counter(), None, None
+    @staticmethod
+    def _busy() -> int:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v[:3]) + sum(v[5:7])  # user nice system + irq softirq (not idle/iowait)
+
+    def _sample(self) -> None:
+        sid = os.getsid(0)
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(rest[3]) != sid:
+                continue
+            key = (int(d), int(rest[19]))  # pid, start time: pids get reused
+            ticks = int(rest[11]) + int(rest[12])  # utime + stime (children are sampled too)
+            self._first.setdefault(key, ticks if self._sampling_started else 0)
+            self._last[key] = ticks
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self._sample()
+            except (OSError, ValueError, IndexError):
+                self._ok = False
 
     def __enter__(self) -> Meter:
-        self.t0, self.b0, self.o0 = self._snap()
+        self.t0 = time.perf_counter()
+        try:
+            self._sampling_started = True  # processes alive now: count from their current CPU
+            self._sample()
+            self._sampling_started = False  # processes seen later: count from 0
+            self.b0: int | None = self._busy()
+        except (OSError, ValueError, IndexError):
+            self.b0 = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        t1, b1, o1 = self._snap()
-        self.wall = t1 - self.t0
-        self.cpu = self.other_pct = None
-        if None not in (self.b0, b1, self.o0, o1):
-            self.cpu = o1 - self.o0
-            other = max(0.0, (b1 - self.b0) - self.cpu)
-            self.other_pct = 100 * other / (self.wall * (os.cpu_count() or 1))
-            if self.cpu < 0:  # a process of the session exited unreaped: its CPU time is lost
-                self.cpu = None
+        self.wall = time.perf_counter() - self.t0
+        self._stop.set()
+        self._thread.join()
+        try:
+            self._sample()
+            b1 = self._busy()
+        except (OSError, ValueError, IndexError):
+            return
+        if self.b0 is None or not self._ok:
+            return
+        self.cpu = sum(t - self._first[k] for k, t in self._last.items()) / self.tick
+        other = max(0.0, (b1 - self.b0) / self.tick - self.cpu)
+        self.other_pct = 100 * other / (self.wall * (os.cpu_count() or 1))
 
     def record(self, r: dict[str, Any]) -> str:
         """Append this run's figures to a result's lists; returns a one-line summary."""

@@ -96,17 +96,6 @@ def flights_rows(data_dir: Path) -> int:
         return sum(1 for _ in f) - 1
 
 
-def _setup_child_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("py4j", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 # ---------------------------------------------------------------------------------------------
 # (a) Rayline
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +118,7 @@ def _rayline_counts(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def engine_rayline(args: argparse.Namespace) -> None:
-    _setup_child_logging()
+    _harness.setup_child_logging()
     out = Path(args.out) / "rayline"
     if out.exists():
         shutil.rmtree(out)
@@ -374,7 +363,7 @@ def spark_local_job(spark: Any, data: Path, out: Path) -> dict[str, Any]:
 
 
 def engine_spark_local(args: argparse.Namespace) -> None:
-    _setup_child_logging()
+    _harness.setup_child_logging()
     out = Path(args.out) / "spark-local"
     if out.exists():
         shutil.rmtree(out)

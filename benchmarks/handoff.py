@@ -129,14 +129,7 @@ def _free(work: Path) -> None:
 
 
 def child(args: argparse.Namespace) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("py4j", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _harness.setup_child_logging()
     work = Path(args.out) / "handoff"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

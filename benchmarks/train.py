@@ -36,13 +36,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import _harness
-from _harness import emit
+from _harness import Meter, emit
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES = [
@@ -64,85 +63,6 @@ RAY_TRAIN_ENV = (
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
 )
-
-
-class Meter:
-    """Wall time, CPU seconds of this child's session (the child and every process it started:
-    Ray's GCS/raylet/workers, TensorFlow) and CPU the rest of the machine used meanwhile, as % of
-    all cores (noise). CPU figures need Linux /proc; elsewhere they are None.
-
-    The session's processes are sampled every 0.2 s while the meter runs, each one's last seen
-    CPU kept: Ray Train starts and ends several actor processes per run, and a snapshot at the
-    end alone would count the CPU of those that exited as the rest of the machine's."""
-
-    def __init__(self) -> None:
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.wall = 0.0
-        self.cpu: float | None = None
-        self.other_pct: float | None = None
-        self._first: dict[tuple[int, int], int] = {}  # (pid, start time) -> CPU ticks
-        self._last: dict[tuple[int, int], int] = {}
-        self._stop = threading.Event()
-        self._ok = True
-        self._sampling_started = False
-
-    @staticmethod
-    def _busy() -> int:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v[:3]) + sum(v[5:7])  # user nice system + irq softirq (not idle/iowait)
-
-    def _sample(self) -> None:
-        sid = os.getsid(0)
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    rest = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(rest[3]) != sid:
-                continue
-            key = (int(d), int(rest[19]))  # pid, start time: pids get reused
-            ticks = int(rest[11]) + int(rest[12])  # utime + stime (children are sampled too)
-            self._first.setdefault(key, ticks if self._sampling_started else 0)
-            self._last[key] = ticks
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            try:
-                self._sample()
-            except (OSError, ValueError, IndexError):
-                self._ok = False
-
-    def __enter__(self) -> Meter:
-        self.t0 = time.perf_counter()
-        try:
-            self._sampling_started = True  # processes alive now: count from their current CPU
-            self._sample()
-            self._sampling_started = False  # processes seen later: count from 0
-            self.b0: int | None = self._busy()
-        except (OSError, ValueError, IndexError):
-            self.b0 = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.wall = time.perf_counter() - self.t0
-        self._stop.set()
-        self._thread.join()
-        try:
-            self._sample()
-            b1 = self._busy()
-        except (OSError, ValueError, IndexError):
-            return
-        if self.b0 is None or not self._ok:
-            return
-        self.cpu = sum(t - self._first[k] for k, t in self._last.items()) / self.tick
-        other = max(0.0, (b1 - self.b0) / self.tick - self.cpu)
-        self.other_pct = 100 * other / (self.wall * (os.cpu_count() or 1))
 
 
 # ---------------------------------------------------------------------------------------------

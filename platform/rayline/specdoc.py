@@ -3,6 +3,7 @@ cannot drift from what the loader accepts. ``python -m rayline.specdoc > docs/sp
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any, get_args, get_origin
 
@@ -82,7 +83,7 @@ def _type(t: Any) -> str:
         return " \\| ".join(f"`{a}`" for a in get_args(t))
     if origin is typing.Annotated:
         return _type(get_args(t)[0])
-    if origin in (typing.Union, __import__("types").UnionType):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(t) if a is not type(None)]
         inner = " or ".join(_type(a) for a in args)
         return inner + (" (optional)" if len(args) < len(get_args(t)) else "")

@@ -393,11 +393,8 @@ def test_streaming_job_scores_events_and_exports_its_metrics(
     logs = ray_job("logs", "--address", cluster, job_id).stdout
     assert final == "SUCCEEDED", logs[-4000:]
 
-    rec = next(
-        json.loads(p.read_text())
-        for p in sorted((shared / "runs").glob("flights-*/run.json"), reverse=True)
-        if "stream" in json.loads(p.read_text())
-    )
+    records = [json.loads(p.read_text()) for p in (shared / "runs").glob("flights-*/run.json")]
+    (rec,) = [r for r in records if "stream" in r]  # the one streaming run
     st = rec["stream"]
     assert st["events"] == n + 2
     assert st["predictions"] + st["dead_letters"] == n + 2 and st["dead_letters"] >= 2

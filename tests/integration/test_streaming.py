@@ -20,6 +20,28 @@ from .conftest import FLIGHTS_DATA, ROOT
 pytestmark = pytest.mark.integration
 
 
+def stream_spec_raw(tmp, kafka, registry, **streaming):
+    """The flights spec (without its analytics stage) streaming between fresh topics, its
+    warehouse, run store and checkpoints under ``tmp``, scoring with stream_model@champion of
+    ``registry``; ``streaming`` overrides more of the streaming section."""
+    tag = uuid.uuid4().hex[:8]
+    raw = _read_yaml(ROOT / "pipelines" / "flights.yaml", set())
+    raw["stages"] = [s for s in raw["stages"] if s["type"] != "analytics"]
+    raw["warehouse"] = str(tmp / "warehouse")
+    raw["run_store"] = str(tmp / "runs")
+    raw["streaming"].update(
+        bootstrap_servers=kafka,
+        input_topic=f"in-{tag}",
+        output_topic=f"out-{tag}",
+        dead_letter_topic=f"dlq-{tag}",
+        checkpoint_location=str(tmp / "checkpoints"),
+        model="stream_model@champion",
+        registry=str(registry),
+        **streaming,
+    )
+    return raw
+
+
 def register_model(registry, version_epochs=1):
     """A small real model on flights columns, registered (Keras on Ray Train)."""
     import ray.data
@@ -57,21 +79,7 @@ def setup(spark, kafka, tmp_path_factory):
     registry = tmp / "registry"
     v1 = register_model(registry)
     ModelRegistry(str(registry)).set_alias("stream_model", "champion", v1)
-    tag = uuid.uuid4().hex[:8]
-    raw = _read_yaml(ROOT / "pipelines" / "flights.yaml", set())
-    raw["stages"] = [s for s in raw["stages"] if s["type"] != "analytics"]
-    raw["warehouse"] = str(tmp / "warehouse")
-    raw["run_store"] = str(tmp / "runs")
-    raw["streaming"].update(
-        bootstrap_servers=kafka,
-        input_topic=f"in-{tag}",
-        output_topic=f"out-{tag}",
-        dead_letter_topic=f"dlq-{tag}",
-        checkpoint_location=str(tmp / "checkpoints"),
-        model="stream_model@champion",
-        registry=str(registry),
-        max_offsets_per_trigger=400,
-    )
+    raw = stream_spec_raw(tmp, kafka, registry, max_offsets_per_trigger=400)
     mp = pytest.MonkeyPatch()
     mp.setenv("RAYLINE_DATA_DIR", str(FLIGHTS_DATA.parent))
     try:

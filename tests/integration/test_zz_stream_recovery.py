@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from rayline.streaming.kafka_io import replay_frame, tail
 
 from ..conftest import KAFKA_PORT
 from .conftest import FLIGHTS_DATA, ROOT
-from .test_streaming import flights_rows, register_model
+from .test_streaming import flights_rows, register_model, stream_spec_raw
 
 pytestmark = pytest.mark.integration
 
@@ -68,31 +67,21 @@ def wait_for(cond, limit, what, every=0.2):
 
 def test_killed_job_and_restarted_broker_lose_and_duplicate_nothing(spark, kafka, tmp_path):
     registry = tmp_path / "registry"
-    from rayline.config import _read_yaml
     from rayline.ml.registry import ModelRegistry
 
     ModelRegistry(str(registry)).set_alias("stream_model", "champion", register_model(registry))
-    tag = uuid.uuid4().hex[:8]
-    raw = _read_yaml(ROOT / "pipelines" / "flights.yaml", set())
-    raw["stages"] = [st for st in raw["stages"] if st["type"] != "analytics"]
-    raw.pop("ml")
-    raw["warehouse"] = str(tmp_path / "warehouse")
-    raw["run_store"] = str(tmp_path / "runs")
-    raw["session"]["app_name"] = "rayline-recovery"
-    s = raw["streaming"]
-    s.update(
-        bootstrap_servers=kafka,
-        input_topic=f"in-{tag}",
-        output_topic=f"out-{tag}",
-        dead_letter_topic=f"dlq-{tag}",
-        checkpoint_location=str(tmp_path / "cp"),
-        model="stream_model@champion",
-        registry=str(registry),
+    raw = stream_spec_raw(
+        tmp_path,
+        kafka,
+        registry,
         # 100 events a micro-batch (each takes ~2 s): the stream lasts >= 30 s, so the kill
         # below lands mid-stream even on a quiet machine
         max_offsets_per_trigger=100,
         trigger_seconds=1,
     )
+    raw.pop("ml")
+    raw["session"]["app_name"] = "rayline-recovery"
+    s = raw["streaming"]
     s.pop("window")
     spec_path = tmp_path / "stream.yaml"
     spec_path.write_text(yaml.safe_dump(raw))

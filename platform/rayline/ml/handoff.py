@@ -381,10 +381,12 @@ def _canonical(keys: pd.DataFrame) -> pd.DataFrame:
 
 
 def _cut(col: pd.Series, value: Any) -> Any:
+    import pyarrow as pa
+
     dtype = col.dtype
     pa_type = getattr(dtype, "pyarrow_dtype", None)
     is_time = pd.api.types.is_datetime64_any_dtype(dtype) or (
-        pa_type is not None and __import__("pyarrow").types.is_timestamp(pa_type)
+        pa_type is not None and pa.types.is_timestamp(pa_type)
     )
     if is_time:
         ts = pd.Timestamp(value)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from .features import Preprocessor
 from .keras_model import MODEL_FILE, build_model, compile_model, use_tf_keras
@@ -69,7 +70,7 @@ def _arrays(shard: Any, pre: Preprocessor) -> tuple[dict[str, np.ndarray], np.nd
     cols = pre.feature_columns + [pre.label]
     df = shard.to_pandas()
     if len(df) == 0:
-        df = __import__("pandas").DataFrame({c: [] for c in cols})
+        df = pd.DataFrame({c: [] for c in cols})
     df = df[cols]
     return pre.transform(df), pre.labels(df)
 

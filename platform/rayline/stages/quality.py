@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from ..config import (
@@ -60,9 +61,7 @@ def _source_bytes(ctx: RunContext, name: str) -> int:
     total = 0
     for p in ctx.paths(name):
         if os.path.isdir(p):
-            total += sum(
-                f.stat().st_size for f in __import__("pathlib").Path(p).rglob("*") if f.is_file()
-            )
+            total += sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
         else:
             total += os.path.getsize(p)
     return total
