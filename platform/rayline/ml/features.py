@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -117,12 +118,30 @@ def check_columns(schema: Any, spec: MLSpec) -> None:
         raise FeatureError(f"ml.label: regression label {spec.label!r} has type {t}, not a number")
 
 
-def _floats(col: pd.Series) -> np.ndarray:
+Columns: TypeAlias = pd.DataFrame | Mapping[str, Any]
+"""A batch of raw rows: a DataFrame, or column name -> 1-d array (the serving path's checked
+rows: numbers as float64 with NaN for null, categories as objects with None for null)."""
+
+
+def num_rows(df: Columns) -> int:
+    """Rows of a batch given as a DataFrame or as columns."""
+    if isinstance(df, pd.DataFrame):
+        return len(df)
+    return len(next(iter(df.values()))) if len(df) else 0
+
+
+def _floats(col: Any) -> np.ndarray:
     """A column as float64 with NaN for nulls (non-numbers too); no conversion when it
     already is one (the serving path's common case)."""
     if col.dtype == np.float64:
-        return col.to_numpy()
-    return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        return col.to_numpy() if isinstance(col, pd.Series) else np.asarray(col)
+    return pd.to_numeric(pd.Series(col), errors="coerce").to_numpy(
+        dtype=np.float64, na_value=np.nan
+    )
+
+
+def _is_null(v: Any) -> bool:
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v))
 
 
 def _key(v: Any) -> str:
@@ -146,6 +165,9 @@ class Preprocessor:
     label_stats: dict[str, float] = field(default_factory=dict)
     classes: list[str] = field(default_factory=list)
     train_rows: int = 0
+    _lookups: dict[str, dict[str, int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -249,16 +271,17 @@ class Preprocessor:
 
     # -- the one transform ------------------------------------------------------------------
 
-    def transform(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+    def transform(self, df: Columns) -> dict[str, np.ndarray]:
         """Model inputs of a batch of raw rows (columns beyond the features are ignored).
 
         Args:
-            df: Raw feature columns, as in the curated table.
+            df: Raw feature columns, as in the curated table: a DataFrame, or columns (see
+                :data:`Columns`).
 
         Returns:
             ``{"dense": float32 [n, dense_width], "cat_<name>": int32 [n], ...}``.
         """
-        n = len(df)
+        n = num_rows(df)
         dense = np.zeros((n, self.dense_width), dtype=np.float32)
         j = 0
         for name, s in self.numeric.items():
@@ -269,7 +292,7 @@ class Preprocessor:
             j += 1
         out: dict[str, np.ndarray] = {}
         for name, c in self.categorical.items():
-            idx = self._index(df[name], c["vocabulary"])
+            idx = self._index(df[name], name)
             if c["encoding"] == "onehot":
                 dense[np.arange(n), j + idx] = 1.0
                 j += len(c["vocabulary"]) + 1
@@ -284,21 +307,32 @@ class Preprocessor:
         out["dense"] = dense
         return out
 
-    @staticmethod
-    def _index(col: pd.Series, vocabulary: list[str]) -> np.ndarray:
-        lookup = {v: i + 1 for i, v in enumerate(vocabulary)}
-        keys = col.map(
-            lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else _key(v)
-        )
-        return keys.map(lambda k: lookup.get(k, 0) if k is not None else 0).to_numpy(dtype=np.int64)
+    def _lookup(self, name: str) -> dict[str, int]:
+        """Vocabulary key -> index (1-based; 0 is the unknown bucket), built once per column."""
+        lookup = self._lookups.get(name)
+        if lookup is None:
+            vocabulary = self.categorical[name]["vocabulary"]
+            lookup = self._lookups[name] = {v: i + 1 for i, v in enumerate(vocabulary)}
+        return lookup
 
-    def unknown_categories(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+    def _index(self, col: Any, name: str) -> np.ndarray:
+        """Vocabulary indices of a column's values (0: null or unknown)."""
+        lookup = self._lookup(name)
+        values = col.tolist() if isinstance(col, pd.Series | np.ndarray) else list(col)
+        return np.fromiter(
+            (0 if _is_null(v) else lookup.get(_key(v), 0) for v in values),
+            dtype=np.int64,
+            count=len(values),
+        )
+
+    def unknown_categories(self, df: Columns) -> dict[str, np.ndarray]:
         """Per categorical column, a boolean mask of non-null values outside the vocabulary."""
         out = {}
-        for name, c in self.categorical.items():
+        for name in self.categorical:
             col = df[name]
-            idx = self._index(col, c["vocabulary"])
-            out[name] = (idx == 0) & col.notna().to_numpy()
+            values = col.tolist() if isinstance(col, pd.Series | np.ndarray) else list(col)
+            notnull = np.fromiter((not _is_null(v) for v in values), dtype=bool, count=len(values))
+            out[name] = (self._index(values, name) == 0) & notnull
         return out
 
     def labels(self, df: pd.DataFrame) -> np.ndarray:

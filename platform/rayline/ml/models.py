@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import pandas as pd
 
-from .features import Preprocessor
+from .features import Columns, Preprocessor, num_rows
 
 __all__ = [
     "Model",
@@ -39,7 +38,7 @@ class Model(Protocol):
     framework: str
     pre: Preprocessor
 
-    def predict(self, df: pd.DataFrame) -> dict[str, np.ndarray]: ...
+    def predict(self, df: Columns) -> dict[str, np.ndarray]: ...
 
     def signature(self) -> dict[str, Any]: ...
 
@@ -79,20 +78,32 @@ class KerasModel:
         d = Path(directory)
         self.pre = Preprocessor.load(d)
         self.keras_model = keras.models.load_model(str(d / MODEL_FILE), compile=False)
-        self._fn = tf.function(lambda x: self.keras_model(x, training=False), reduce_retracing=True)
+        # One concrete function for any batch size, traced once here from the model's inputs:
+        # calling it skips tf.function's per-call dispatch (argument binding, function-cache
+        # lookup and input conversion), which cost as much as the forward pass itself on small
+        # batches (~230 us -> ~130 us a call at batch 1 for the flights MLP).
+        spec = {
+            t.name.split(":")[0]: tf.TensorSpec([None, *t.shape[1:]], t.dtype, name=t.name)
+            for t in self.keras_model.inputs
+        }
+        self._inputs = {k: v.dtype for k, v in spec.items()}
+        fn = tf.function(lambda x: self.keras_model(x, training=False), input_signature=[spec])
+        self._fn = fn.get_concrete_function()
+        self._tf = tf
 
-    def predict(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
-        if len(df) == 0:
+    def predict(self, df: Columns) -> dict[str, np.ndarray]:
+        if num_rows(df) == 0:
             return _answer(self.pre, np.zeros((0, max(1, len(self.pre.classes)))))
         x = self.pre.transform(df)
-        raw = self._fn({k: v for k, v in x.items()}).numpy()
+        tensors = {k: self._tf.constant(x[k], dtype=dt) for k, dt in self._inputs.items()}
+        raw = self._fn(tensors).numpy()
         return _answer(self.pre, raw)
 
     def signature(self) -> dict[str, Any]:
         return self.pre.signature()
 
 
-def tree_matrix(pre: Preprocessor, df: pd.DataFrame) -> np.ndarray:
+def tree_matrix(pre: Preprocessor, df: Columns) -> np.ndarray:
     """The feature matrix tree models see: the dense block, then embedded categoricals' indices.
 
     Spark training (through ``mapInPandas``) and scoring use this same function.
@@ -135,7 +146,7 @@ class TreeEnsembleModel:
             total += w * t["value"][node]
         return total
 
-    def predict(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+    def predict(self, df: Columns) -> dict[str, np.ndarray]:
         margin = self.margin(tree_matrix(self.pre, df))
         if self.pre.task == "regression":
             return {"prediction": margin}  # trained on the raw label

@@ -112,9 +112,9 @@ class LoadedModel:
 
     def score(self, batch: list[Checked]) -> Scored:
         """The model's predictions for checked requests, in one call of the model."""
-        frame = merge(batch).frame(self.validator.numbers)
-        outputs = self.model.predict(frame)
-        return Scored(outputs, self.model.pre.unknown_categories(frame))
+        columns = merge(batch).arrays(self.validator.numbers)
+        outputs = self.model.predict(columns)
+        return Scored(outputs, self.model.pre.unknown_categories(columns))
 
     def answer(
         self, scored: Scored, start: int, checked: Checked

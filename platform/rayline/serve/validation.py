@@ -178,17 +178,27 @@ class Checked:
     def rows(self) -> int:
         return len(self.warnings)
 
-    def frame(self, numbers: list[str]) -> pd.DataFrame:
-        """The rows as a DataFrame: ``numbers`` as float64 (null -> NaN), the rest as objects."""
-        data: dict[str, Any] = {}
+    def arrays(self, numbers: list[str]) -> dict[str, np.ndarray]:
+        """The rows as columns for the model (:data:`rayline.ml.features.Columns`): ``numbers``
+        as float64 (null -> NaN), the rest as objects (null -> None). No DataFrame: building one
+        per batch cost more than the preprocessing itself."""
+        data: dict[str, np.ndarray] = {}
         for name, values in self.columns.items():
             if name in numbers:
                 data[name] = np.array(
-                    [np.nan if v is None else float(v) for v in values], dtype=np.float64
+                    [np.nan if v is None else v for v in values], dtype=np.float64
                 )
             else:
-                data[name] = pd.Series(values, dtype=object)
-        return pd.DataFrame(data)
+                col = np.empty(len(values), dtype=object)
+                col[:] = values
+                data[name] = col
+        return data
+
+    def frame(self, numbers: list[str]) -> pd.DataFrame:
+        """The rows as a DataFrame (the columns of :meth:`arrays`)."""
+        return pd.DataFrame(
+            {k: pd.Series(v, dtype=v.dtype) for k, v in self.arrays(numbers).items()}
+        )
 
 
 def merge(batch: list[Checked]) -> Checked:
