@@ -4,7 +4,8 @@ Three Spark aggregations (nothing but their small results reaches the driver):
 1. count, nulls, mean, stddev, min, max and approximate quantiles of each numeric column, and
    the approximate cardinality of each categorical one;
 2. a count per histogram bucket and the outlier count of every numeric column, and the centred
-   sums giving the Pearson correlation of each pair;
+   sums giving the Pearson correlation of each pair, summed with numpy per partition
+   (``mapInArrow``);
 3. one exploded group-by giving every categorical column's top values.
 A few outlier rows per column are then sampled with a limit.
 """
@@ -114,75 +115,51 @@ def _fences(s: dict[str, Any], cfg: AnalyticsStage) -> tuple[float, float] | Non
 def _second_pass(
     df: Any, numeric: list[str], categorical: list[str], first: dict[str, Any], cfg: AnalyticsStage
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Histograms and outlier counts in one aggregation (a count per bucket: no shuffle of
-    rows), then the top values of the categorical columns in one exploded group-by."""
+    """Histograms, outlier counts and correlations in one pass (:func:`_moments`), then the
+    top values of the categorical columns in one exploded group-by."""
     from pyspark.sql import functions as F
     from pyspark.sql.window import Window
 
-    aggs = []
     fences: dict[str, tuple[float, float]] = {}
     widths: dict[str, tuple[float, float]] = {}
     bins = cfg.histogram_bins
-    for k, c in enumerate(numeric):
+    for c in numeric:
         s = first["numeric"][c]
         if s["min"] is None:
             continue
         lo, hi = s["min"], s["max"]
-        width = (hi - lo) / bins if hi > lo else 1.0
-        widths[c] = (lo, width)
-        x = _c(c).cast("double")
-        # A null value belongs to no bucket; the maximum falls in the last one.
-        # (least() skips nulls, hence the guard.)
-        bucket = F.when(
-            x.isNotNull(), F.least(F.floor((x - F.lit(lo)) / F.lit(width)), F.lit(bins - 1))
-        )
-        for b in range(bins):
-            aggs.append(F.count(F.when(bucket == b, 1)).alias(f"h{k}_{b}"))
+        widths[c] = (lo, (hi - lo) / bins if hi > lo else 1.0)
         f = _fences(s, cfg)
         if f:
             fences[c] = f
-            aggs.append(F.count(F.when((x < f[0]) | (x > f[1]), 1)).alias(f"o{k}"))
     # Pearson correlation of each pair over the rows where both are present, from sums of
-    # values centred on the means of pass 1 (numerically stable; plain sums codegen well,
-    # Spark's corr() aggregate was ~2x slower here).
+    # values centred on the means of pass 1 (numerically stable).
     pairs: list[tuple[str, str]] = []
     if cfg.correlation:
         for i, col_a in enumerate(numeric):
             for col_b in numeric[i + 1 :]:
                 ma, mb = first["numeric"][col_a]["mean"], first["numeric"][col_b]["mean"]
-                if ma is None or mb is None:
-                    continue
-                k = len(pairs)
-                pairs.append((col_a, col_b))
-                xa = _c(col_a).cast("double") - F.lit(ma)
-                xb = _c(col_b).cast("double") - F.lit(mb)
-                both = xa.isNotNull() & xb.isNotNull()
-                aggs += [
-                    F.count(F.when(both, 1)).alias(f"cn{k}"),
-                    F.sum(F.when(both, xa)).alias(f"ca{k}"),
-                    F.sum(F.when(both, xb)).alias(f"cb{k}"),
-                    F.sum(F.when(both, xa * xa)).alias(f"caa{k}"),
-                    F.sum(F.when(both, xb * xb)).alias(f"cbb{k}"),
-                    F.sum(xa * xb).alias(f"cab{k}"),
-                ]
+                if ma is not None and mb is not None:
+                    pairs.append((col_a, col_b))
     hist: dict[str, Any] = {}
     outliers: dict[str, int] = {}
     corr: dict[str, Any] | None = None
-    if aggs:
-        row = df.agg(*aggs).first().asDict()
+    if widths or pairs:
+        sums = _moments(df, numeric, first, widths, fences, bins)
         if cfg.correlation:
             corr = {c: {c2: (1.0 if c == c2 else None) for c2 in numeric} for c in numeric}
-            for k, (col_a, col_b) in enumerate(pairs):
-                corr[col_a][col_b] = corr[col_b][col_a] = _pearson(row, k)
+            for col_a, col_b in pairs:
+                a, b = numeric.index(col_a), numeric.index(col_b)
+                corr[col_a][col_b] = corr[col_b][col_a] = _pearson(sums, a, b)
         for k, c in enumerate(numeric):
             if c in widths:
                 lo, width = widths[c]
                 hist[c] = {
                     "edges": [lo + i * width for i in range(bins + 1)],
-                    "counts": [int(row[f"h{k}_{b}"]) for b in range(bins)],
+                    "counts": [int(n) for n in sums["hist"][k]],
                 }
             if c in fences:
-                outliers[c] = int(row[f"o{k}"])
+                outliers[c] = int(sums["outliers"][k])
 
     top: dict[str, Any] = {c: [] for c in categorical}
     if categorical:
@@ -216,16 +193,108 @@ def _second_pass(
     return {"histograms": hist, "top_values": top, "correlation": corr}, found
 
 
-def _pearson(row: dict[str, Any], k: int) -> float | None:
-    n = row[f"cn{k}"] or 0
+def _pearson(sums: dict[str, Any], a: int, b: int) -> float | None:
+    n = sums["n"][a, b]
     if n < 2:
         return None
-    sa, sb = row[f"ca{k}"], row[f"cb{k}"]
-    va = row[f"caa{k}"] - sa * sa / n
-    vb = row[f"cbb{k}"] - sb * sb / n
+    sa, sb = sums["s1"][a, b], sums["s1"][b, a]
+    va = sums["s2"][a, b] - sa * sa / n
+    vb = sums["s2"][b, a] - sb * sb / n
     if va <= 0 or vb <= 0:
         return None  # a constant column has no correlation
-    return _num((row[f"cab{k}"] - sa * sb / n) / math.sqrt(va * vb))
+    return _num((sums["cross"][a, b] - sa * sb / n) / math.sqrt(va * vb))
+
+
+def _moments(
+    df: Any,
+    numeric: list[str],
+    first: dict[str, Any],
+    widths: dict[str, tuple[float, float]],
+    fences: dict[str, tuple[float, float]],
+    bins: int,
+) -> dict[str, Any]:
+    """Histogram counts, outlier counts and the pairwise centred sums of the numeric columns,
+    in one pass: each partition's Arrow batches are summed with numpy in the executors' Python
+    workers (one aggregation with hundreds of Spark aggregates was the profile's slowest job:
+    too many fields for whole-stage code generation), and the partitions' sums added here.
+
+    Returns:
+        ``hist`` (columns x bins), ``outliers`` (columns), and columns x columns matrices over
+        the rows where both columns are present: ``n`` (rows), ``s1`` (``[a, b]``: sum of a's
+        centred values), ``s2`` (the same of their squares) and ``cross`` (sum of products).
+    """
+    import numpy as np
+
+    k = len(numeric)
+    means = [first["numeric"][c]["mean"] for c in numeric]
+    params = {
+        "k": k,
+        "bins": bins,
+        "means": [m if m is not None else 0.0 for m in means],
+        "widths": [widths.get(c) for c in numeric],
+        "fences": [fences.get(c) for c in numeric],
+    }
+    cols = [_c(c).cast("double").alias(f"x{i}") for i, c in enumerate(numeric)]
+    parts = df.select(*cols).mapInArrow(_moments_of_batches(params), "v array<double>").collect()
+    total = np.zeros(k * bins + k + 4 * k * k)
+    for r in parts:
+        total += np.asarray(r["v"], dtype=float)
+    hist, rest = total[: k * bins].reshape(k, bins), total[k * bins :]
+    outl, mats = rest[:k], rest[k:].reshape(4, k, k)
+    return {
+        "hist": hist,
+        "outliers": outl,
+        "n": mats[0],
+        "s1": mats[1],
+        "s2": mats[2],
+        "cross": mats[3],
+    }
+
+
+def _moments_of_batches(params: dict[str, Any]) -> Any:
+    """The ``mapInArrow`` function of :func:`_moments` (runs in the executors' Python workers;
+    self-contained, so that they need not import Rayline). Bucket and fence arithmetic is
+    Spark's: ``least(floor((x - lo) / width), bins - 1)``, nulls in no bucket."""
+
+    def sums(batches: Any) -> Any:
+        import numpy as np
+        import pyarrow as pa
+
+        k, bins = params["k"], params["bins"]
+        mu = np.asarray(params["means"], dtype=float)
+        hist = np.zeros((k, bins))
+        outl = np.zeros(k)
+        mats = np.zeros((4, k, k))
+        for b in batches:
+            n = b.num_rows
+            if n == 0:
+                continue
+            x = np.empty((n, k))
+            m = np.empty((n, k))
+            for j in range(k):
+                col = b.column(j)
+                x[:, j] = col.to_numpy(zero_copy_only=False)
+                m[:, j] = col.is_valid().to_numpy(zero_copy_only=False)
+            present = m.astype(bool)
+            for j in range(k):
+                v = x[present[:, j], j]
+                if params["widths"][j] is not None:
+                    lo, width = params["widths"][j]
+                    idx = np.minimum(np.floor((v - lo) / width), bins - 1)
+                    idx = idx[(idx >= 0) & ~np.isnan(idx)].astype(np.int64)
+                    hist[j] += np.bincount(idx, minlength=bins)[:bins]
+                if params["fences"][j] is not None:
+                    f_lo, f_hi = params["fences"][j]
+                    outl[j] += np.count_nonzero((v < f_lo) | (v > f_hi))
+            z = np.where(present, x - mu, 0.0)
+            mats[0] += m.T @ m
+            mats[1] += z.T @ m
+            mats[2] += (z * z).T @ m
+            mats[3] += z.T @ z
+        v = np.concatenate([hist.ravel(), outl, mats.ravel()])
+        yield pa.RecordBatch.from_pydict({"v": [v.tolist()]})
+
+    return sums
 
 
 def render_charts(report: dict[str, Any], out_dir: Path, prefix: str) -> dict[str, str]:
