@@ -6,7 +6,7 @@ subprocess (no shared JVMs or Ray instances) and prints one table:
 
   rayline          pipelines/flights.yaml through ``run_pipeline`` on one Spark-on-Ray session
                    (RayDP, 1 executor x 2 cores); the session's start-up is timed apart.
-  rayline-nockpt   the same spec with ``checkpoint_stages=False``, same session.
+  rayline-ckpt     the same spec with ``checkpoint_stages=True`` (off by default), same session.
   spark-local      the same Spark work hand-written in plain PySpark, ``local[2]``.
   pandas           the same work in single-process pandas.
 
@@ -38,7 +38,7 @@ from _harness import Meter, emit, note
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_PATH = ROOT / "pipelines" / "flights.yaml"
-ENGINES = ["rayline", "rayline-nockpt", "spark-local", "pandas"]
+ENGINES = ["rayline", "rayline-ckpt", "spark-local", "pandas"]
 
 # The work, as pipelines/flights.yaml declares it (kept literal here so that the hand-written
 # engines are plain code; the rayline engine reads the YAML itself).
@@ -136,8 +136,8 @@ def engine_rayline(args: argparse.Namespace) -> None:
     variants = []
     if "rayline" in args.variants:
         variants.append(("rayline", spec))
-    if "rayline-nockpt" in args.variants:
-        variants.append(("rayline-nockpt", spec.model_copy(update={"checkpoint_stages": False})))
+    if "rayline-ckpt" in args.variants:
+        variants.append(("rayline-ckpt", spec.model_copy(update={"checkpoint_stages": True})))
     rows_in = flights_rows(Path(args.data_dir))
     results = {
         name: {"engine": name, "rows_in": rows_in, "times": [], "runs": []} for name, _ in variants

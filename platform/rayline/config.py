@@ -608,9 +608,11 @@ class PipelineSpec(_Model):
     warehouse: str = Field("warehouse", description="Directory of output tables.")
     run_store: str = Field("runs", description="Directory of run records and schema versions.")
     checkpoint_stages: bool = Field(
-        True,
-        description="Persist each stage's output in the run directory (Parquet) so --resume can "
-        "start from the first changed stage; downstream stages then read the checkpoint.",
+        False,
+        description="Also write each transform stage's output to the run directory (Parquet); "
+        "downstream stages then read that copy, and --resume reads it instead of recomputing "
+        "the transform. Off: the transform stays lazy and runs inside the next stage's pass "
+        "(faster); --resume still reuses unchanged stages, recomputing the transform lazily.",
     )
     session: SessionConfig = Field(
         default_factory=SessionConfig,

@@ -186,8 +186,6 @@ def _reusable(prev: dict[str, Any] | None, i: int, fp: str) -> dict[str, Any] | 
     outputs = p.get("outputs") or {}
     if not all(os.path.exists(v) for v in outputs.values()):
         return None
-    if p.get("type") == "transform" and "data" not in outputs:
-        return None  # not checkpointed (checkpoint_stages: false): run it again
     return p
 
 
@@ -198,7 +196,11 @@ def _restore(
         schema.restore(st, ctx, report)
         return df
     if isinstance(st, TransformStage):
-        return ctx.spark.read.parquet(prev_stage["outputs"]["data"])
+        if "data" in (prev_stage.get("outputs") or {}):
+            return ctx.spark.read.parquet(prev_stage["outputs"]["data"])
+        # Not checkpointed: the same steps on the same inputs (the fingerprint says so), lazily;
+        # nothing runs unless a later stage that cannot be reused reads it.
+        return transform.run(df, st, ctx)[0]
     if isinstance(st, QualityStage):
         return quality.restore(st, ctx, report, df.schema if df is not None else None)
     return df

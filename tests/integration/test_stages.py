@@ -384,6 +384,36 @@ def test_resume_reuses_unchanged_stages(spark, write_csv, make_spec):
         run_pipeline(fixed, spark=spark, resume=run_id)
 
 
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_resume_after_publish_failure_runs_only_publish(
+    spark, write_csv, make_spec, checkpoint, monkeypatch
+):
+    """Without checkpoints (the default) the transform is recomputed lazily on resume and
+    counts as reused; with them, it is read back from its Parquet copy."""
+    from rayline import runner
+
+    sources = people_sources(write_csv)
+    spec = make_spec(
+        sources, adults_stages(schema=True, severity="quarantine"), checkpoint_stages=checkpoint
+    )
+    real = runner.write_table
+    monkeypatch.setattr(
+        runner, "write_table", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+    )
+    with pytest.raises(RunFailed, match="disk full") as e:
+        run_pipeline(spec, spark=spark)
+    rec = json.loads(Path(spec.run_store, e.value.run_id, "run.json").read_text())
+    assert rec["error"]["stage"] == "publish"
+    assert ("data" in rec["stages"][1]["outputs"]) is checkpoint
+    assert not Path(spec.warehouse, spec.outputs.curated.table).exists()
+    monkeypatch.setattr(runner, "write_table", real)
+    result = run_pipeline(spec, spark=spark, resume=e.value.run_id)
+    assert [s["status"] for s in result.record["stages"]] == ["reused"] * 3
+    assert result.record["outputs"]["curated"]["rows"] == 5
+    assert result.record["outputs"]["quarantine"]["rows"] == 1
+    assert result.record["stages"][1]["rows_out"] == 6
+
+
 def test_resume_reruns_from_changed_input(spark, write_csv, make_spec):
     sources = people_sources(write_csv)
     stages = [
