@@ -208,16 +208,36 @@ def _summarise(
     return {"rows": total, "_quarantined": int(row["_q"] or 0), "rules": rules}
 
 
-def _samples(full: Any, name: str, n: int, data_cols: list[str]) -> list[dict[str, Any]]:
+def _samples(
+    full: Any, names: list[str], n: int, data_cols: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Up to ``n`` failing rows of each rule in ``names``, in one job: the rows that broke any
+    rule, one entry per broken rule, the first ``n`` per rule in the order of the data (as a
+    ``limit`` per rule would pick them, without a job per rule)."""
     from pyspark.sql import functions as F
+    from pyspark.sql.window import Window
 
+    order = "_rayline_seq"
+    failing = (
+        full.where(F.size(F.col(REASONS)) > 0)
+        .select(
+            F.explode(F.col(REASONS)).alias("rule"),
+            F.monotonically_increasing_id().alias(order),
+            F.to_json(F.struct(*map(_col, data_cols))).alias("j"),
+        )
+        .where(F.col("rule").isin(*names))
+    )
+    w = Window.partitionBy("rule").orderBy(order)
     rows = (
-        full.where(F.array_contains(F.col(REASONS), name))
-        .select(F.to_json(F.struct(*map(_col, data_cols))).alias("j"))
-        .limit(n)
+        failing.withColumn("_rayline_n", F.row_number().over(w))
+        .where(F.col("_rayline_n") <= n)
+        .select("rule", order, "j")
         .collect()
     )
-    return [json.loads(r["j"]) for r in rows]
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in sorted(rows, key=lambda r: r[order]):
+        out[r["rule"]].append(json.loads(r["j"]))
+    return out
 
 
 def _read_parts(ctx: RunContext, base: str, schema: Any) -> tuple[Any, Any, Any]:
@@ -269,9 +289,12 @@ def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any
     full, clean, bad = _read_parts(ctx, base, annotated.drop(FLAG).schema)
 
     report = _summarise(full, cfg, ctx, list(flags))
-    for entry in report["rules"]:
-        if entry["failed"] and entry["rule"] in flags and cfg.sample_size:
-            entry["samples"] = _samples(full, entry["rule"], cfg.sample_size, data_cols)
+    sampled = [e["rule"] for e in report["rules"] if e["failed"] and e["rule"] in flags]
+    if sampled and cfg.sample_size:
+        samples = _samples(full, sampled, cfg.sample_size, data_cols)
+        for entry in report["rules"]:
+            if entry["rule"] in samples:
+                entry["samples"] = samples[entry["rule"]]
     report["quarantined_rows"] = report.pop("_quarantined")
     report["clean_rows"] = report["rows"] - report["quarantined_rows"]
     report["outputs"] = {"rows": base}
