@@ -575,10 +575,17 @@ def test_replica_killed_under_load(follower, ray_local, capsys):
             f"(statuses {Counter(s for _, s in failures)})"
         )
     assert total > 20
-    if deployment == "model-delay" or ray_local["haproxy"]:
-        # split: the ingress retries on another model replica; fused behind HAProxy: HAProxy
-        # sends a request whose replica died without answering to another one
+    if deployment == "model-delay":
+        # split: the ingress retries on another model replica
         assert failures == [], failures
+    elif ray_local["haproxy"]:
+        # fused behind HAProxy: HAProxy sends a request whose replica died without answering to
+        # another one. Seen once in about 10,000 requests over 3 runs: one request at the
+        # moment of the kill ended in a closed client connection (requests' ConnectionError;
+        # HAProxy also reloads its configuration then, without the dead replica). Never an
+        # error status.
+        assert all(s == -1 for _, s in failures), failures
+        assert len(failures) <= 1, failures
     else:
         # fused behind Serve's default proxy: the requests the killed replica held are lost
         # (a 500 from the proxy, or no answer before the client's timeout); the others go to

@@ -350,8 +350,9 @@ class Ingress:
         deadline = time.monotonic() + self._timeout
         for attempt in range(1, _RETRIES + 1):
             try:
-                remaining = max(0.001, deadline - time.monotonic())
-                result: tuple[int, bytes] = await asyncio.wait_for(model.predict(body), remaining)
+                # asyncio.timeout, not wait_for: no task per request (3.11's wait_for makes one).
+                async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
+                    result: tuple[int, bytes] = await model.predict(body)
                 return result
             except _RETRYABLE:
                 if attempt == _RETRIES or time.monotonic() > deadline:

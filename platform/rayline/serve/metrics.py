@@ -11,11 +11,15 @@ and the dashboard's metrics view. Names carry the ``rayline_serve_`` prefix; Ray
 - ``rayline_serve_flags`` (counter; model, flag): flagged values served (``unknown_category``,
   ``out_of_range``, ``non_finite_prediction``).
 
-Metrics are created in the replica that records them (never at import).
+Metrics are created in the replica that records them (never at import). Recorded values are
+kept in the replica and handed to Ray every 0.1 s (as Ray Serve does with its own request
+metrics): one Ray counter call per tag set per flush instead of one per request.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import defaultdict
 from functools import cached_property
 from typing import Any
 
@@ -23,6 +27,58 @@ __all__ = ["IngressMetrics", "ModelMetrics"]
 
 LATENCY_MS = [1.0, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000, 2000, 5000, 10000]
 BATCH_ROWS = [1.0, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+FLUSH_S = 0.1
+
+
+class _Pending:
+    """Counter increments and histogram observations held back for up to ``FLUSH_S``.
+
+    A flush is scheduled on the running event loop by the first value after the last flush;
+    outside an event loop values go to Ray at once.
+    """
+
+    def __init__(self, metrics: dict[str, Any]) -> None:
+        self._metrics = metrics
+        self._counts: defaultdict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(
+            float
+        )
+        self._values: defaultdict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = (
+            defaultdict(list)
+        )
+        self._scheduled = False
+
+    def inc(self, name: str, tags: tuple[tuple[str, str], ...], value: float = 1.0) -> None:
+        self._counts[(name, tags)] += value
+        self._schedule()
+
+    def observe(self, name: str, tags: tuple[tuple[str, str], ...], value: float) -> None:
+        self._values[(name, tags)].append(value)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in an event loop: nothing would flush later
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_later(FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        """Hand everything held to Ray's metrics."""
+        self._scheduled = False
+        counts, self._counts = self._counts, defaultdict(float)
+        values, self._values = self._values, defaultdict(list)
+        for (name, tags), n in counts.items():
+            self._metrics[name].inc(n, tags=dict(tags))
+        for (name, tags), xs in values.items():
+            metric, t = self._metrics[name], dict(tags)
+            for x in xs:
+                metric.observe(x, tags=t)
 
 
 class IngressMetrics:
@@ -51,12 +107,16 @@ class IngressMetrics:
             ),
         }
 
+    @cached_property
+    def _pending(self) -> _Pending:
+        return _Pending(self._m)
+
     def record(self, model: str, status: int, seconds: float, error: str | None) -> None:
-        m = self._m
-        m["requests"].inc(tags={"model": model, "status": str(status)})
-        m["latency"].observe(seconds * 1000.0, tags={"model": model})
+        p = self._pending
+        p.inc("requests", (("model", model), ("status", str(status))))
+        p.observe("latency", (("model", model),), seconds * 1000.0)
         if error:
-            m["errors"].inc(tags={"model": model, "kind": error})
+            p.inc("errors", (("model", model), ("kind", error)))
 
 
 class ModelMetrics:
@@ -88,11 +148,16 @@ class ModelMetrics:
             ),
         }
 
+    @cached_property
+    def _pending(self) -> _Pending:
+        return _Pending(self._m)
+
     def batch(self, rows: int, version: int) -> None:
-        self._m["batch"].observe(rows, tags={"model": self.model})
-        self._m["rows"].inc(rows, tags={"model": self.model, "version": str(version)})
+        p = self._pending
+        p.observe("batch", (("model", self.model),), rows)
+        p.inc("rows", (("model", self.model), ("version", str(version))), rows)
 
     def flags(self, counts: dict[str, int]) -> None:
         for flag, n in counts.items():
             if n:
-                self._m["flags"].inc(n, tags={"model": self.model, "flag": flag})
+                self._pending.inc("flags", (("model", self.model), ("flag", flag)), n)
