@@ -14,6 +14,11 @@ Per micro-batch (``foreachBatch``):
    batch scoring); the model's alias is resolved again before every micro-batch;
 5. predictions and dead letters are written to Kafka.
 
+That is three Spark jobs per micro-batch, whatever the rules: the per-partition counts (which
+also cache the batch), the rule counts (which cache the transformed rows; ``fail`` rules are
+judged on them before anything is written), and one Kafka write of both outputs (each record
+names its topic) in which the executors score the clean events.
+
 No loss, no duplicates: Spark replays a micro-batch that did not commit (same offsets, same
 rows). Before writing batch N the job records where the output topics ended; on a replay of N
 it reads back what N already wrote from there and writes only the rest. Every output record
@@ -312,18 +317,29 @@ class StreamJob:
         batch = batch.persist()
         data: Any = None
         try:
-            total = batch.count()
+            # Job 1 (and the batch's cache): events, malformed events and the last offset read,
+            # per input partition.
+            bad = F.col("e." + CORRUPT).isNotNull() | F.col("e").isNull()
+            per_partition = (
+                batch.groupBy(F.col("_rayline_partition").alias("p"))
+                .agg(
+                    F.count(F.lit(1)).alias("n"),
+                    F.sum(F.when(bad, 1).otherwise(0)).alias("bad"),
+                    F.max("_rayline_offset").alias("o"),
+                )
+                .collect()  # one row per input partition
+            )
+            total = sum(int(r["n"]) for r in per_partition)
             if total == 0:
                 return
+            n_malformed = sum(int(r["bad"]) for r in per_partition)
+            read_to = {int(r["p"]): int(r["o"]) + 1 for r in per_partition}
             done = self._already_written(batch_id)
-            malformed = batch.where(F.col("e." + CORRUPT).isNotNull() | F.col("e").isNull())
-            events = (
-                batch.where(F.col("e").isNotNull() & F.col("e." + CORRUPT).isNull())
-                .select("e.*", *META)
-                .drop(CORRUPT)
-            )
+            malformed = batch.where(bad)
+            events = batch.where(~bad).select("e.*", *META).drop(CORRUPT)
 
             data = events
+            fail_flags: list[tuple[Any, Any]] = []
             quarantine_flags: list[tuple[str, Any]] = []
             warn_flags: list[tuple[str, Any]] = []
             for st in self.stages:
@@ -336,15 +352,8 @@ class StreamJob:
                     if rule.name not in flags:
                         continue
                     if rule.severity == "fail":
-                        failed = data.where(flags[rule.name]).count()
-                        tol = rule.max_failed_fraction or 0.0
-                        if failed > tol * total:
-                            raise StreamFailed(
-                                f"stage {st.name!r}, rule {rule.name!r} (severity fail): "
-                                f"{failed} of {total} event(s) in micro-batch {batch_id} "
-                                "broke it; the query stops"
-                            )
-                    if rule.severity == "quarantine":
+                        fail_flags.append(((st.name, rule), flags[rule.name]))
+                    elif rule.severity == "quarantine":
                         quarantine_flags.append((rule.name, flags[rule.name]))
                     elif rule.severity == "warn":
                         warn_flags.append((rule.name, flags[rule.name]))
@@ -353,8 +362,32 @@ class StreamJob:
                 if quarantine_flags
                 else F.array().cast("array<string>")
             )
-            # Computed once: the dead letters, the predictions and the counts all read it.
+            # Computed once: the counts, the dead letters and the predictions all read it.
             data = data.withColumn("_rayline_reasons", reasons).persist()
+
+            # Job 2 (and data's cache): rows left after the transforms, rows quarantined, rows
+            # breaking each rule; fail rules are judged here, before anything is written.
+            counted = [(f"_f{i}", c) for i, (_, c) in enumerate(fail_flags)]
+            counted += [(f"_q{i}", c) for i, (_, c) in enumerate(quarantine_flags)]
+            counted += [(f"_w{i}", c) for i, (_, c) in enumerate(warn_flags)]
+            agg = data.agg(
+                F.count(F.lit(1)).alias("_rows"),
+                F.sum(F.when(F.size("_rayline_reasons") > 0, 1).otherwise(0)).alias("_rej"),
+                *[F.sum(F.when(c, 1).otherwise(0)).alias(a) for a, c in counted],
+            ).first()
+            for i, ((stage_name, rule), _) in enumerate(fail_flags):
+                failed = int(agg[f"_f{i}"] or 0)
+                if failed > (rule.max_failed_fraction or 0.0) * total:
+                    raise StreamFailed(
+                        f"stage {stage_name!r}, rule {rule.name!r} (severity fail): "
+                        f"{failed} of {total} event(s) in micro-batch {batch_id} "
+                        "broke it; the query stops"
+                    )
+            n_rows = int(agg["_rows"] or 0)
+            n_rejected = int(agg["_rej"] or 0)
+            counts = {n: int(agg[f"_q{i}"] or 0) for i, (n, _) in enumerate(quarantine_flags)}
+            for i, (n, _) in enumerate(warn_flags):
+                counts[n] = counts.get(n, 0) + int(agg[f"_w{i}"] or 0)
 
             rejected = data.where(F.size("_rayline_reasons") > 0)
             clean = data.where(F.size("_rayline_reasons") == 0).drop("_rayline_reasons")
@@ -362,6 +395,7 @@ class StreamJob:
                 F.array(F.lit("malformed")).alias("_rayline_reasons"), *META
             ).unionByName(rejected.select("_rayline_reasons", *META))
             dead_out = dead.select(
+                F.lit(self.s.dead_letter_topic).alias("topic"),
                 F.col("_rayline_key").alias("key"),
                 F.to_json(
                     F.struct(
@@ -391,8 +425,11 @@ class StreamJob:
                 time_col=self.s.event_time_column,
                 batch_id=batch_id,
             )
-            preds = clean.mapInPandas(score, out_schema)
-            if done:
+            preds = clean.mapInPandas(score, out_schema).select(
+                F.lit(self.s.output_topic).alias("topic"), "key", "value"
+            )
+            n_dead, n_pred = n_malformed + n_rejected, n_rows - n_rejected
+            if done:  # a replay: write only what the first attempt did not
                 pairs = self.spark.createDataFrame(sorted(done), "_p int, _o long").withColumn(
                     "_done", F.lit(True)
                 )
@@ -408,39 +445,23 @@ class StreamJob:
                     (F.get_json_object(v, "$.source_partition").cast("int") == F.col("_p"))
                     & (F.get_json_object(v, "$.source_offset").cast("long") == F.col("_o")),
                     "left_anti",
-                )
-            dead_out = dead_out.select("key", "value").persist()
-            preds = preds.persist()
-            n_dead, n_pred = dead_out.count(), preds.count()
-            n_malformed = malformed.count()
-            # Rows quarantined, and rows breaking each quarantine or warn rule: one pass.
-            agg = data.agg(
-                F.sum(F.when(F.size("_rayline_reasons") > 0, 1).otherwise(0)).alias("_rej"),
-                *[
-                    F.sum(F.when(c, 1).otherwise(0)).alias(n)
-                    for n, c in quarantine_flags + warn_flags
-                ],
-            ).first()
-            n_rejected = int(agg["_rej"] or 0)
-            counts = {n: int(agg[n] or 0) for n, _ in quarantine_flags + warn_flags}
-            read_to = {
-                int(r["p"]): int(r["o"]) + 1
-                for r in batch.groupBy(F.col("_rayline_partition").alias("p"))
-                .agg(F.max("_rayline_offset").alias("o"))
-                .collect()  # one row per input partition
-            }
+                ).persist()
+                dead_out = dead_out.persist()
+                n_dead, n_pred = dead_out.count(), preds.count()
             self._mark_start(batch_id)
-            for df, topic in ((preds, self.s.output_topic), (dead_out, self.s.dead_letter_topic)):
-                (
-                    df.write.format("kafka")
-                    .option("kafka.bootstrap.servers", self.s.bootstrap_servers)
-                    .option("kafka.acks", "all")
-                    .option("kafka.enable.idempotence", "true")
-                    .option("topic", topic)
-                    .save()
-                )
-            preds.unpersist()
-            dead_out.unpersist()
+            # Job 3: the predictions (scored on the executors) and the dead letters, written
+            # in one Kafka write: each record names its topic.
+            (
+                preds.unionByName(dead_out.select("topic", "key", "value"))
+                .write.format("kafka")
+                .option("kafka.bootstrap.servers", self.s.bootstrap_servers)
+                .option("kafka.acks", "all")
+                .option("kafka.enable.idempotence", "true")
+                .save()
+            )
+            if done:
+                preds.unpersist()
+                dead_out.unpersist()
         finally:
             if data is not None:
                 data.unpersist()
