@@ -313,7 +313,15 @@ class StreamJob:
         from ..stages.transform import apply_steps
 
         t0 = time.perf_counter()
+        phases: dict[str, float] = {}
+
+        def phase(name: str, since: list[float] = [t0]) -> None:  # noqa: B006 - a clock
+            now = time.perf_counter()
+            phases[name] = round(now - since[0], 2)
+            since[0] = now
+
         model_dir, ref = self._resolve_model()
+        phase("model")
         batch = batch.persist()
         data: Any = None
         try:
@@ -329,6 +337,7 @@ class StreamJob:
                 )
                 .collect()  # one row per input partition
             )
+            phase("counts")
             total = sum(int(r["n"]) for r in per_partition)
             if total == 0:
                 return
@@ -375,6 +384,7 @@ class StreamJob:
                 F.sum(F.when(F.size("_rayline_reasons") > 0, 1).otherwise(0)).alias("_rej"),
                 *[F.sum(F.when(c, 1).otherwise(0)).alias(a) for a, c in counted],
             ).first()
+            phase("rules")
             for i, ((stage_name, rule), _) in enumerate(fail_flags):
                 failed = int(agg[f"_f{i}"] or 0)
                 if failed > (rule.max_failed_fraction or 0.0) * total:
@@ -449,6 +459,7 @@ class StreamJob:
                 dead_out = dead_out.persist()
                 n_dead, n_pred = dead_out.count(), preds.count()
             self._mark_start(batch_id)
+            phase("mark")
             # Job 3: the predictions (scored on the executors) and the dead letters, written
             # in one Kafka write: each record names its topic.
             (
@@ -459,6 +470,7 @@ class StreamJob:
                 .option("kafka.enable.idempotence", "true")
                 .save()
             )
+            phase("write")
             if done:
                 preds.unpersist()
                 dead_out.unpersist()
@@ -467,6 +479,7 @@ class StreamJob:
                 data.unpersist()
             batch.unpersist()
         lag = self._lag(read_to)
+        phase("lag")
         rep = self.report
         rep["batches"] += 1
         rep["events"] += total
@@ -496,9 +509,11 @@ class StreamJob:
             "predictions": n_pred,
             "dead_letters": n_dead,
             "seconds": round(time.perf_counter() - t0, 2),
+            "phases_s": phases,
         }
         log.info(
-            "[stream] batch %d: %d event(s) -> %d prediction(s) (%s), %d dead letter(s)%s in %.1fs",
+            "[stream] batch %d: %d event(s) -> %d prediction(s) (%s), %d dead letter(s)%s in "
+            "%.1fs (%s)",
             batch_id,
             total,
             n_pred,
@@ -506,6 +521,7 @@ class StreamJob:
             n_dead,
             f", {len(done)} already written before a restart" if done else "",
             time.perf_counter() - t0,
+            " ".join(f"{k} {v:.1f}" for k, v in phases.items()),
         )
         (self.run_dir / "reports").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "reports" / "stream.json").write_text(json.dumps(rep, indent=2))
@@ -567,10 +583,11 @@ class StreamJob:
             .option("path", str(path))
             .option("checkpointLocation", str(self.cp / "window"))
         )
+        every = max(win.trigger_seconds, self.s.trigger_seconds)
         w = (
             w.trigger(availableNow=True)
             if available_now
-            else w.trigger(processingTime=f"{self.s.trigger_seconds} seconds")
+            else w.trigger(processingTime=f"{every} seconds")
         )
         return w.queryName(f"rayline-{self.spec.name}-window").start()
 

@@ -36,6 +36,14 @@ class WindowSpec(_Model):
     metrics: list[str] = Field(
         ..., min_length=1, description="Numeric columns: count, mean, max per window and group."
     )
+    trigger_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Interval of the window query (the stream's trigger_seconds if that is "
+        "longer). Windows are written once the watermark passes them, so a short interval only "
+        "adds work: each trigger of the window query is a stateful Spark job that shares the "
+        "executors with the scoring query.",
+    )
 
     @field_validator("duration", "watermark")
     @classmethod
