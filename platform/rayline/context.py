@@ -52,6 +52,7 @@ class RunContext:
     reshape: dict[str, tuple[list[str], list[tuple[str, str]]]] = field(default_factory=dict)
     stage: str = ""
     _raw: dict[str, Any] = field(default_factory=dict)
+    _keys: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     # -- sources ----------------------------------------------------------------------------
 
@@ -112,11 +113,23 @@ class RunContext:
             )
         )
 
+    def keys_of(self, name: str, column: str) -> Any:
+        """The distinct non-null values of a source's column (one column, ``k``); cached and
+        computed once per run, so that a streaming job's micro-batches join with the stored set
+        instead of recomputing it (a shuffle) every batch."""
+        if (name, column) not in self._keys:
+            from pyspark.sql import functions as F
+
+            keys = self.source(name).select(F.col(f"`{column}`").alias("k"))
+            self._keys[(name, column)] = keys.where(F.col("k").isNotNull()).distinct().cache()
+        return self._keys[(name, column)]
+
     def release(self) -> None:
-        for df in self._raw.values():
+        for df in [*self._raw.values(), *self._keys.values()]:
             with contextlib.suppress(Exception):  # the session may already be gone
                 df.unpersist()
         self._raw.clear()
+        self._keys.clear()
 
     # -- persistence ------------------------------------------------------------------------
 

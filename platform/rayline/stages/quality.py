@@ -117,8 +117,9 @@ def _row_flags(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[s
                     f"available: {sorted(other.columns)}"
                 )
             key = f"_rayline_r{i}"
-            ref = other.select(_col(ref_col).alias(key)).where(F.col(key).isNotNull()).distinct()
-            ref = ref.withColumn(f"{key}_hit", F.lit(True))
+            ref = ctx.keys_of(rule.source, ref_col).select(
+                F.col("k").alias(key), F.lit(True).alias(f"{key}_hit")
+            )
             if _source_bytes(ctx, rule.source) <= BROADCAST_LIMIT_BYTES:
                 ref = F.broadcast(ref)
             df = df.join(ref, _col(rule.column) == F.col(key), "left")

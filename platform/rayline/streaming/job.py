@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -54,15 +53,10 @@ class StreamFailed(RuntimeError):
     """A ``fail`` rule broke in a micro-batch, or the stream cannot run; names what and where."""
 
 
-def _score_partition(
-    batches: Any,
-    model_dir: str,
-    ref: dict[str, Any],
-    key_cols: list[str],
-    time_col: str | None,
-    batch_id: int,
-) -> Any:
-    """mapInPandas: clean events -> (key, value) prediction records, on the executors."""
+def _score_partition(batches: Any, model_dir: str, columns: list[str]) -> Any:
+    """mapInPandas: clean events -> the pass-through ``columns`` plus ``prediction`` (and
+    ``probabilities`` for classifiers), on the executors. Only the model call runs in Python:
+    the output records' keys and JSON are built by Spark around it."""
     import numpy as np
     import pandas as pd
 
@@ -75,44 +69,19 @@ def _score_partition(
         if len(pdf) == 0:
             continue
         out = model.predict(pdf)
-        keys = (
-            pdf[key_cols].astype(str).agg("|".join, axis=1)
-            if key_cols
-            else pdf["_rayline_key"].astype(object)
-        )
-        values = []
-        for i in range(len(pdf)):
-            rec: dict[str, Any] = {
-                "key": keys.iloc[i],
-                "prediction": _plain(out["prediction"][i]),
-                "model": ref["name"],
-                "version": ref["version"],
-                "batch_id": batch_id,
-                "source_partition": int(pdf["_rayline_partition"].iloc[i]),
-                "source_offset": int(pdf["_rayline_offset"].iloc[i]),
-            }
-            if "probabilities" in out:
-                rec["probabilities"] = dict(
-                    zip(
-                        model.pre.classes, np.asarray(out["probabilities"][i]).tolist(), strict=True
-                    )
-                )
-            if time_col:
-                rec["event_time"] = _plain(pdf[time_col].iloc[i])
-            values.append(json.dumps(rec))
-        yield pd.DataFrame({"key": keys.astype(object).where(keys.notna(), None), "value": values})
-
-
-def _plain(v: Any) -> Any:
-    if v is None:
-        return None
-    if hasattr(v, "isoformat"):
-        return v.isoformat()
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+        res = pdf[columns].copy()
+        pred = np.asarray(out["prediction"])
+        if pred.dtype.kind == "f":  # regression: a non-finite prediction is written as null
+            res["prediction"] = pd.Series(pred, dtype=object).where(np.isfinite(pred), None)
+        else:
+            res["prediction"] = pred.astype(str)
+        if "probabilities" in out:
+            classes = [str(c) for c in model.pre.classes]
+            res["probabilities"] = [
+                dict(zip(classes, row, strict=True))
+                for row in np.asarray(out["probabilities"], dtype=np.float64).tolist()
+            ]
+        yield res
 
 
 class StreamJob:
@@ -306,6 +275,81 @@ class StreamJob:
         except Exception:  # noqa: BLE001 - lag is informative only
             return None
 
+    def _predictions(self, clean: Any, model_dir: str, ref: dict[str, Any], batch_id: int) -> Any:
+        """Clean events -> prediction records ``(topic, key, value)``: the model scores on the
+        executors (mapInPandas); the key and the JSON value are Spark expressions."""
+        from pyspark.sql import functions as F
+        from pyspark.sql.types import (
+            DoubleType,
+            IntegerType,
+            LongType,
+            MapType,
+            StringType,
+            StructField,
+            StructType,
+        )
+
+        from ..ml.features import Preprocessor
+
+        task = Preprocessor.load(model_dir).task
+        key = (
+            F.concat_ws(
+                "|",
+                *[
+                    F.coalesce(F.col(f"`{c}`").cast("string"), F.lit("None"))
+                    for c in self.s.key_columns
+                ],
+            )
+            if self.s.key_columns
+            else F.col("_rayline_key")
+        )
+        time_col = self.s.event_time_column
+        event_time = (
+            F.date_format(F.col(f"`{time_col}`"), "yyyy-MM-dd'T'HH:mm:ss")
+            if time_col
+            else F.lit(None).cast("string")
+        )
+        passed = [
+            "_rayline_out_key",
+            "_rayline_event_time",
+            "_rayline_partition",
+            "_rayline_offset",
+        ]
+        fields = [
+            StructField("_rayline_out_key", StringType()),
+            StructField("_rayline_event_time", StringType()),
+            StructField("_rayline_partition", IntegerType()),
+            StructField("_rayline_offset", LongType()),
+            StructField("prediction", DoubleType() if task == "regression" else StringType()),
+        ]
+        if task != "regression":
+            fields.append(StructField("probabilities", MapType(StringType(), DoubleType())))
+        # Plain values only: a closure over self would drag the SparkSession along.
+        score = functools.partial(_score_partition, model_dir=model_dir, columns=passed)
+        scored = (
+            clean.withColumn("_rayline_out_key", key)
+            .withColumn("_rayline_event_time", event_time)
+            .mapInPandas(score, StructType(fields))
+        )
+        record = [
+            F.col("_rayline_out_key").alias("key"),
+            F.col("prediction"),
+            F.lit(ref["name"]).alias("model"),
+            F.lit(ref["version"]).alias("version"),
+            F.lit(batch_id).alias("batch_id"),
+            F.col("_rayline_partition").alias("source_partition"),
+            F.col("_rayline_offset").alias("source_offset"),
+        ]
+        if task != "regression":
+            record.append(F.col("probabilities"))
+        if time_col:
+            record.append(F.col("_rayline_event_time").alias("event_time"))
+        return scored.select(
+            F.lit(self.s.output_topic).alias("topic"),
+            F.col("_rayline_out_key").alias("key"),
+            F.to_json(F.struct(*record), {"ignoreNullFields": "false"}).alias("value"),
+        )
+
     def process(self, batch: Any, batch_id: int) -> None:
         from pyspark.sql import functions as F
 
@@ -421,23 +465,7 @@ class StreamJob:
                 "_rayline_partition",
                 "_rayline_offset",
             )
-            from pyspark.sql.types import StringType, StructField, StructType
-
-            out_schema = StructType(
-                [StructField("key", StringType()), StructField("value", StringType())]
-            )
-            # Plain values only: a closure over self would drag the SparkSession along.
-            score = functools.partial(
-                _score_partition,
-                model_dir=model_dir,
-                ref=dict(ref),
-                key_cols=list(self.s.key_columns),
-                time_col=self.s.event_time_column,
-                batch_id=batch_id,
-            )
-            preds = clean.mapInPandas(score, out_schema).select(
-                F.lit(self.s.output_topic).alias("topic"), "key", "value"
-            )
+            preds = self._predictions(clean, model_dir, ref, batch_id)
             n_dead, n_pred = n_malformed + n_rejected, n_rows - n_rejected
             if done:  # a replay: write only what the first attempt did not
                 pairs = self.spark.createDataFrame(sorted(done), "_p int, _o long").withColumn(
