@@ -479,7 +479,7 @@ def fit_keras(
     # a worker's report waits for that poll (a queue of one): each per-epoch report after the
     # first, the final report and the end of the run waited up to 2 s each. A poll is one
     # actor call per worker.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     _before_fit()
     trainer_cls = _ray_train()
     trainer = trainer_cls(

@@ -274,10 +274,17 @@ def _trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     run = _run_name(name, tune.get_context().get_trial_id())
+    # No worker-group retries inside a trial: when ASHA stops the trial, its workers die before
+    # its Ray Train controller does, and a controller that retried started a new worker group
+    # (a new placement group, never recorded for the sweep below) that held a CPU the next
+    # trial waited for. Tune's own failure handling covers trials.
+    trial_ml = ml.model_copy(
+        update={"training": ml.training.model_copy(update={"max_failures": 0})}
+    )
     outcome = fit_keras(
         datasets,
         Preprocessor.from_dict(pre),
-        ml,
+        trial_ml,
         storage_path,
         run,
         params=model_params(ml, config),
