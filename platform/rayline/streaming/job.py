@@ -84,6 +84,14 @@ def _score_partition(batches: Any, model_dir: str, columns: list[str]) -> Any:
         yield res
 
 
+@functools.cache
+def _task_of(model_dir: str) -> str:
+    """The task of a registered model version (a version's directory never changes)."""
+    from ..ml.features import Preprocessor
+
+    return Preprocessor.load(model_dir).task
+
+
 class StreamJob:
     """One streaming run of a spec (see the module docstring)."""
 
@@ -289,9 +297,7 @@ class StreamJob:
             StructType,
         )
 
-        from ..ml.features import Preprocessor
-
-        task = Preprocessor.load(model_dir).task
+        task = _task_of(model_dir)
         key = (
             F.concat_ws(
                 "|",
@@ -359,10 +365,13 @@ class StreamJob:
         t0 = time.perf_counter()
         phases: dict[str, float] = {}
 
-        def phase(name: str, since: list[float] = [t0]) -> None:  # noqa: B006 - a clock
+        clock = [t0]
+
+        def phase(name: str) -> None:
+            """Seconds since the previous phase ended, under ``name``."""
             now = time.perf_counter()
-            phases[name] = round(now - since[0], 2)
-            since[0] = now
+            phases[name] = round(now - clock[0], 2)
+            clock[0] = now
 
         model_dir, ref = self._resolve_model()
         phase("model")
