@@ -115,6 +115,9 @@ def spark_conf(cfg: SessionConfig, warehouse: str | os.PathLike[str]) -> dict[st
         "spark.sql.warehouse.dir": str(wh),
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
+        # PySpark's daemon without Spark's jar on the workers' sys.path: every Python task
+        # re-read its 5,200-entry zip directory on Python 3.11 (see rayline.spark_daemon).
+        "spark.python.daemon.module": "rayline.spark_daemon",
         # Executors lost mid-run (an actor killed) are replaced; let tasks retry meanwhile.
         "spark.task.maxFailures": "8",
         "spark.stage.maxConsecutiveAttempts": "8",

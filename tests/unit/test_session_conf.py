@@ -1,3 +1,5 @@
+import pytest
+
 from rayline.config import SessionConfig
 from rayline.session import JAVA17_OPENS, _merge_java_env, jvm_options, spark_conf
 
@@ -35,3 +37,49 @@ def test_spark_conf_sizes_shuffle_and_applies_flags(tmp_path):
     assert "spark.sql.catalogImplementation" not in spark_conf(
         SessionConfig(enable_hive=False), tmp_path
     )
+
+
+def test_spark_conf_uses_the_daemon_without_jars(tmp_path):
+    assert spark_conf(SessionConfig(), tmp_path)["spark.python.daemon.module"] == (
+        "rayline.spark_daemon"
+    )
+    # a user's own setting still wins
+    conf = spark_conf(SessionConfig(spark_conf={"spark.python.daemon.module": "x.y"}), tmp_path)
+    assert conf["spark.python.daemon.module"] == "x.y"
+
+
+def test_drop_jar_paths_forgets_the_jar_and_what_was_imported_from_it(tmp_path, monkeypatch):
+    import importlib
+    import sys
+    import zipfile
+    import zipimport
+
+    from rayline.spark_daemon import drop_jar_paths
+
+    jar = tmp_path / "spark-core.jar"
+    with zipfile.ZipFile(jar, "w") as z:
+        for d in ("orgx/", "orgx/apache/"):  # jars list their directories
+            z.writestr(d, "")
+        z.writestr("orgx/apache/Thing.class", b"\xca\xfe")
+        z.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")
+    monkeypatch.setattr(sys, "path", [*sys.path, str(jar)])
+    monkeypatch.setattr(sys, "path_importer_cache", dict(sys.path_importer_cache))
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    importlib.invalidate_caches()
+    importlib.import_module("orgx")  # a namespace package from inside the jar (as copy.py's
+    with pytest.raises(ImportError):  # lookup of Jython's org.python.core makes ``org`` one)
+        importlib.import_module("orgx.python")
+    zips = [k for k, v in sys.path_importer_cache.items() if isinstance(v, zipimport.zipimporter)]
+    assert str(jar) in zips and str(jar / "orgx") in zips
+
+    assert drop_jar_paths() == [str(jar)]
+
+    assert str(jar) not in sys.path
+    assert "orgx" not in sys.modules
+    importlib.invalidate_caches()  # what PySpark's worker calls per task
+    assert not [
+        k for k, v in sys.path_importer_cache.items() if isinstance(v, zipimport.zipimporter)
+    ]
+    with pytest.raises(ImportError):
+        importlib.import_module("orgx")
+    assert drop_jar_paths() == []
