@@ -118,6 +118,7 @@ class StreamJob:
             "late_events": 0,
         }
         self.model_ref: dict[str, Any] | None = None
+        self._offsets_consumer: Any = None
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -164,6 +165,11 @@ class StreamJob:
         self.model_ref = info
         return path, info
 
+    def _min_partitions(self) -> int:
+        if self.s.min_partitions is not None:
+            return self.s.min_partitions
+        return max(1, int(self.spark.sparkContext.defaultParallelism))
+
     def _parsed(self) -> Any:
         from pyspark.sql import functions as F
         from pyspark.sql.types import StringType, StructField, StructType
@@ -176,6 +182,7 @@ class StreamJob:
             .option("subscribe", self.s.input_topic)
             .option("startingOffsets", self.s.starting_offsets)
             .option("maxOffsetsPerTrigger", str(self.s.max_offsets_per_trigger))
+            .option("minPartitions", str(self._min_partitions()))
             .option("failOnDataLoss", "true")
             .load()
         )
@@ -227,28 +234,19 @@ class StreamJob:
 
     def _mark_start(self, batch_id: int) -> None:
         """Record where the output topics end before batch ``batch_id`` writes (once)."""
-        from confluent_kafka import Consumer, TopicPartition
+        from confluent_kafka import TopicPartition
 
         marker = self.sink_dir / f"{batch_id}.json"
         if marker.exists():
             return
-        c = Consumer(
-            {
-                "bootstrap.servers": self.s.bootstrap_servers,
-                "group.id": "rayline-offsets",
-                "enable.auto.commit": False,
-            }
-        )
-        try:
-            starts: dict[str, dict[str, int]] = {}
-            for topic in (self.s.output_topic, self.s.dead_letter_topic):
-                meta = c.list_topics(topic, timeout=30).topics[topic]
-                starts[topic] = {}
-                for p in meta.partitions:
-                    _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
-                    starts[topic][str(p)] = int(high)
-        finally:
-            c.close()
+        c = self._consumer()
+        starts: dict[str, dict[str, int]] = {}
+        for topic in (self.s.output_topic, self.s.dead_letter_topic):
+            meta = c.list_topics(topic, timeout=30).topics[topic]
+            starts[topic] = {}
+            for p in meta.partitions:
+                _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                starts[topic][str(p)] = int(high)
         self.sink_dir.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps(starts))
@@ -260,28 +258,37 @@ class StreamJob:
 
     def _lag(self, read_to: dict[int, int]) -> int | None:
         """Input events behind the end of the topic after this micro-batch."""
-        from confluent_kafka import Consumer, TopicPartition
+        from confluent_kafka import TopicPartition
 
         try:
-            c = Consumer(
+            c = self._consumer()
+            total = 0
+            for p, pos in read_to.items():
+                _, high = c.get_watermark_offsets(TopicPartition(self.s.input_topic, p), timeout=10)
+                total += max(0, int(high) - pos)
+            return total
+        except Exception:  # noqa: BLE001 - lag is informative only
+            return None
+
+    def _consumer(self) -> Any:
+        """The job's one Kafka consumer for offset look-ups (never subscribes or commits)."""
+        if self._offsets_consumer is None:
+            from confluent_kafka import Consumer
+
+            self._offsets_consumer = Consumer(
                 {
                     "bootstrap.servers": self.s.bootstrap_servers,
                     "group.id": "rayline-offsets",
                     "enable.auto.commit": False,
                 }
             )
-            try:
-                total = 0
-                for p, pos in read_to.items():
-                    _, high = c.get_watermark_offsets(
-                        TopicPartition(self.s.input_topic, p), timeout=10
-                    )
-                    total += max(0, int(high) - pos)
-                return total
-            finally:
-                c.close()
-        except Exception:  # noqa: BLE001 - lag is informative only
-            return None
+        return self._offsets_consumer
+
+    def close(self) -> None:
+        """Release the job's Kafka consumer (the queries are stopped by their caller)."""
+        c, self._offsets_consumer = self._offsets_consumer, None
+        if c is not None:
+            c.close()
 
     def _predictions(self, clean: Any, model_dir: str, ref: dict[str, Any], batch_id: int) -> Any:
         """Clean events -> prediction records ``(topic, key, value)``: the model scores on the

@@ -124,6 +124,7 @@ def run_stream(
             for q in queries:
                 if q.isActive:
                     q.stop()
+            job.close()
             _snapshot(run, rec, job, queries)
             from .. import metrics
 

@@ -87,6 +87,13 @@ class StreamingSpec(_Model):
     max_offsets_per_trigger: int = Field(
         20_000, ge=1, description="Most events read per micro-batch."
     )
+    min_partitions: int | None = Field(
+        None,
+        ge=1,
+        description="Spark tasks that read and parse a micro-batch at least (Kafka's "
+        "`minPartitions`: a topic partition's offsets are split among them). Default: the "
+        "executors' cores, so that one input partition still uses every core.",
+    )
     starting_offsets: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a new query (no checkpoint yet) starts."
     )
