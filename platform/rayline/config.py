@@ -540,8 +540,8 @@ class AnalyticsStage(_StageBase):
         1000,
         ge=10,
         le=1_000_000,
-        description="percentile_approx accuracy: the rank error is at most 1/accuracy of the "
-        "rows (Spark's default 10000 costs about twice the time).",
+        description="Quantile accuracy: the rank error is at most 1/accuracy of the rows, as for "
+        "Spark's percentile_approx (exact with fewer values than this per partition).",
     )
     outlier_method: Literal["iqr", "zscore"] = Field(
         "iqr", description="Outliers beyond IQR fences or beyond |z| from the mean."

@@ -148,7 +148,7 @@ def _analytics_section(rep: dict[str, Any]) -> str:
         )
         cats.append([_e(c), _n(s["count"]), _n(s["nulls"]), _n(s["cardinality"]), top])
     if cats:
-        out += _table(["column", "count", "nulls", "cardinality (approx.)", "top values"], cats)
+        out += _table(["column", "count", "nulls", "distinct values", "top values"], cats)
     for chart in (rep.get("charts") or {}).values():
         out += _img(chart)
     return out

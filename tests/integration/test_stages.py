@@ -469,3 +469,67 @@ def test_not_nullable_contract_column(spark, write_csv, make_spec):
     )
     rep = json.loads(Path(result.run_dir, "reports", "schema.json").read_text())["sources"]["nn"]
     assert {"kind": "nullability", "column": "a", "nulls": 1} in rep["changes"]
+
+
+def test_profile_statistics_quantiles_top_values_and_outlier_samples(spark, tmp_path, make_spec):
+    """The profile on 30 rows in 3 files: statistics and quantiles as Spark computes them
+    (percentile_approx is exact on so few rows), exact distinct counts, and the first outlier
+    rows in data order (as a limit picks them)."""
+    values = [1, 2, 2, 3, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13,
+              14, 15, 16, 200, 300]  # fmt: skip
+    lines = ["id,v,w,c"]
+    for i, v in enumerate(values):
+        w = "" if i % 7 == 3 else str(round((i * 37 % 11) * 0.5, 1))
+        lines.append(f"{i},{v},{w},{'abcde'[i % 5] if i % 4 else 'z'}")
+    data = tmp_path / "nums"
+    data.mkdir()
+    for part in range(3):  # three files: three partitions to merge
+        rows = lines[1 + part * 10 : 11 + part * 10]
+        (data / f"part{part}.csv").write_text("\n".join([lines[0], *rows]) + "\n")
+    spec = make_spec(
+        {"nums": {"path": str(data / "*.csv"), "format": "csv"}},
+        [
+            {"name": "schema", "type": "schema"},
+            {
+                "name": "prep",
+                "type": "transform",
+                "input": "nums",
+                "steps": [{"op": "select", "columns": ["id", "v", "w", "c"]}],
+            },
+            {
+                "name": "profile",
+                "type": "analytics",
+                "numeric_columns": ["v", "w"],
+                "categorical_columns": ["c"],
+                "quantiles": [0.05, 0.5, 0.95],
+                "sample_size": 1,
+            },
+        ],
+    )
+    result = run_pipeline(spec, spark=spark)
+    rep = json.loads(Path(result.run_dir, "reports", "profile.json").read_text())
+    df = spark.read.parquet(result.record["outputs"]["curated"]["path"])
+    qs = [0.05, 0.25, 0.5, 0.75, 0.95]
+    for c in ("v", "w"):
+        want = df.selectExpr(
+            "count(*) AS rows",
+            f"count({c}) AS n",
+            f"avg({c}) AS mean",
+            f"stddev({c}) AS sd",
+            f"min({c}) AS lo",
+            f"max({c}) AS hi",
+            f"percentile_approx(CAST({c} AS DOUBLE), array({','.join(map(str, qs))}), 100000) AS q",
+        ).first()
+        got = rep["numeric"][c]
+        assert got["count"] == want["n"] and got["nulls"] == want["rows"] - want["n"]
+        assert got["mean"] == pytest.approx(want["mean"], rel=1e-12)
+        assert got["stddev"] == pytest.approx(want["sd"], rel=1e-12)
+        assert (got["min"], got["max"]) == (want["lo"], want["hi"])
+        assert got["quantiles"] == {str(q): v for q, v in zip(qs, want["q"], strict=True)}
+    assert rep["numeric"]["w"]["nulls"] == 4  # rows 3, 10, 17, 24
+    cat = rep["categorical"]["c"]
+    assert cat == {"count": 30, "nulls": 0, "cardinality": 6}  # z, a, b, c, d, e: exact
+    assert rep["top_values"]["c"][0] == {"value": "z", "count": 8}
+    out = rep["outliers"]["v"]
+    assert out["count"] == 2  # 200 and 300 lie beyond the upper fence
+    assert out["samples"] == [{"id": 28, "v": 200, "w": 1.0, "c": "z"}]  # the first in data order

@@ -1,13 +1,13 @@
 """Analytics stage: distributed statistics of the current DataFrame, written as JSON and charts.
 
-Three Spark aggregations (nothing but their small results reaches the driver):
-1. count, nulls, mean, stddev, min, max and approximate quantiles of each numeric column, and
-   the approximate cardinality of each categorical one;
-2. a count per histogram bucket and the outlier count of every numeric column, and the centred
-   sums giving the Pearson correlation of each pair, summed with numpy per partition
-   (``mapInArrow``);
-3. one exploded group-by giving every categorical column's top values.
-A few outlier rows per column are then sampled with a limit.
+Three passes over the data (nothing but their small results reaches the driver):
+1. count, nulls, mean, stddev, min, max and approximate quantiles of each numeric column, from
+   per-partition numpy sums and sorted samples (``mapInArrow``);
+2. a count per histogram bucket and the outlier count of every numeric column, the centred sums
+   giving the Pearson correlation of each pair, and the first outlier rows of each column, in
+   one more ``mapInArrow`` pass;
+3. one exploded group-by giving every categorical column's top values, non-null count and
+   number of distinct values.
 """
 
 from __future__ import annotations
@@ -49,53 +49,186 @@ def _pick_columns(df: Any, cfg: AnalyticsStage) -> tuple[list[str], list[str]]:
     return numeric, categorical
 
 
-def _first_pass(
-    df: Any, numeric: list[str], categorical: list[str], cfg: AnalyticsStage
-) -> dict[str, Any]:
-    from pyspark.sql import functions as F
+def _first_pass(df: Any, numeric: list[str], cfg: AnalyticsStage) -> dict[str, Any]:
+    """Count, nulls, mean, stddev, min, max and quantiles of each numeric column in one pass.
 
+    Each partition's Arrow batches are reduced with numpy in the executors' Python workers
+    (:func:`_stats_of_batches`): per column the count, sum, centred sum of squares, min, max and
+    sorted samples (every ``s``-th value of each chunk of up to a million rows, ``s`` = the
+    chunk's values / accuracy). Merging the samples gives quantiles within the rank error
+    ``values / accuracy`` that ``percentile_approx`` guarantees (exact when a chunk has fewer
+    values than ``accuracy``), without Spark's per-value inserts into its quantile summaries,
+    which were most of this pass.
+    """
     qs = sorted(set(cfg.quantiles) | {0.25, 0.75})
-    aggs = [F.count(F.lit(1)).alias("_n")]
-    for i, c in enumerate(numeric):
-        x = _c(c).cast("double")
-        aggs += [
-            F.count(x).alias(f"n{i}"),
-            F.mean(x).alias(f"mean{i}"),
-            F.stddev_samp(x).alias(f"sd{i}"),
-            F.min(x).alias(f"min{i}"),
-            F.max(x).alias(f"max{i}"),
-            F.percentile_approx(x, qs, cfg.quantile_accuracy).alias(f"q{i}"),
-        ]
-    for j, c in enumerate(categorical):
-        aggs += [F.count(_c(c)).alias(f"cn{j}"), F.approx_count_distinct(_c(c)).alias(f"cd{j}")]
-    row = df.agg(*aggs).first().asDict()
-    total = int(row["_n"])
-    stats: dict[str, Any] = {}
-    for i, c in enumerate(numeric):
-        qv = row[f"q{i}"] or [None] * len(qs)
-        stats[c] = {
-            "count": int(row[f"n{i}"]),
-            "nulls": total - int(row[f"n{i}"]),
-            "mean": _num(row[f"mean{i}"]),
-            "stddev": _num(row[f"sd{i}"]),
-            "min": _num(row[f"min{i}"]),
-            "max": _num(row[f"max{i}"]),
-            "quantiles": {str(q): _num(v) for q, v in zip(qs, qv, strict=True)},
-        }
-    cats = {
-        c: {
-            "count": int(row[f"cn{j}"]),
-            "nulls": total - int(row[f"cn{j}"]),
-            "cardinality": int(row[f"cd{j}"]),
-        }
-        for j, c in enumerate(categorical)
-    }
+    k = len(numeric)
+    cols = [_c(c).cast("double").alias(f"x{i}") for i, c in enumerate(numeric)]
+    fn = _stats_of_batches({"k": k, "accuracy": cfg.quantile_accuracy, "chunk": _CHUNK})
+    parts = [r.asDict() for r in df.select(*cols).mapInArrow(fn, _STATS_SCHEMA).collect()]
     return {
-        "rows": total,
-        "numeric": stats,
+        "rows": sum(int(r["rows"]) for r in parts),
+        "numeric": _merge_stats(parts, numeric, qs),
         "correlation": None,
-        "categorical": cats,
+        "categorical": {},
     }
+
+
+def _merge_stats(
+    parts: list[dict[str, Any]], numeric: list[str], qs: list[float]
+) -> dict[str, Any]:
+    """The statistics of each column from the partitions' results of :func:`_stats_of_batches`."""
+    import numpy as np
+
+    total = sum(int(r["rows"]) for r in parts)
+    samples: list[list[Any]] = [[] for _ in numeric]
+    for r in parts:
+        for sample in r["q"]:
+            samples[int(sample[0])].append(sample[1:])
+    stats: dict[str, Any] = {}
+    for j, c in enumerate(numeric):
+        n = 0
+        mean = m2 = 0.0
+        lo = hi = None
+        for r in parts:
+            cnt, sm, pm2, pmin, pmax = r["v"][5 * j : 5 * j + 5]
+            cnt = int(cnt)
+            if cnt == 0:
+                continue
+            pmean = sm / cnt
+            if n == 0:
+                mean, m2 = pmean, pm2
+            else:  # Chan et al.: merge two partitions' means and centred sums of squares
+                d = pmean - mean
+                m2 += pm2 + d * d * n * cnt / (n + cnt)
+                mean += d * cnt / (n + cnt)
+            n += cnt
+            lo = pmin if lo is None or _before(pmin, lo) else lo
+            hi = pmax if hi is None or _before(hi, pmax) else hi
+        quantiles = _quantiles(samples[j], qs, np)
+        stats[c] = {
+            "count": n,
+            "nulls": total - n,
+            "mean": _num(mean) if n else None,
+            "stddev": _num(math.sqrt(m2 / (n - 1))) if n > 1 else None,
+            "min": _num(lo),
+            "max": _num(hi),
+            "quantiles": {str(q): _num(v) for q, v in zip(qs, quantiles, strict=True)},
+        }
+    return stats
+
+
+# Rows per sorted chunk in a partition (bounds a Python worker's memory: 8 bytes a value).
+_CHUNK = 1 << 20
+_STATS_SCHEMA = "rows long, v array<double>, q array<array<double>>"
+
+
+def _before(a: float, b: float) -> bool:
+    """Spark's order of doubles: NaN after every number."""
+    return (not math.isnan(a) and math.isnan(b)) or a < b
+
+
+def _quantiles(samples: list[list[float]], qs: list[float], np: Any) -> list[Any]:
+    """Quantiles from sorted samples, each ``[count, step, v0, v1, ...]``: the values at
+    positions 0, step, 2 step, ... of a chunk of ``count`` sorted values, then its last value.
+    A sampled value stands for the values from its position up to the next sample's. The answer
+    is the first value (in Spark's order) whose cumulative weight reaches the rank
+    ``ceil(q * n)``, as Spark's quantile summaries answer; each chunk is off by less than its
+    step in rank, so the whole by less than ``n / accuracy``."""
+    samples = [s for s in samples if s[0] > 0]
+    if not samples:
+        return [None] * len(qs)
+    values: list[Any] = []
+    weights: list[Any] = []
+    for sample in samples:
+        cnt, step = int(sample[0]), int(sample[1])
+        vals = np.asarray(sample[2:], dtype=float)
+        pos = np.arange(len(vals), dtype=np.int64) * step
+        pos[-1] = cnt - 1  # the chunk's last value (it may also fall on a step)
+        values.append(vals)
+        weights.append(np.diff(np.append(pos, cnt)))
+    v = np.concatenate(values)
+    w = np.concatenate(weights)
+    order = np.argsort(v, kind="stable")  # NaN last, as in Spark
+    v, cum = v[order], np.cumsum(w[order])
+    n = int(cum[-1])
+    out = []
+    for q in qs:
+        rank = max(1, math.ceil(q * n))
+        out.append(float(v[min(int(np.searchsorted(cum, rank)), len(v) - 1)]))
+    return out
+
+
+def _stats_of_batches(params: dict[str, Any]) -> Any:
+    """The ``mapInArrow`` function of :func:`_first_pass` (runs in the executors' Python
+    workers; self-contained). Yields one row per partition: its number of rows; per column the
+    count, sum, centred sum of squares, min and max of the non-null values (``v``); the sorted
+    samples of each chunk of rows (``q``: ``[column, count, step, values...]``)."""
+
+    def stats(batches: Any) -> Any:
+        import numpy as np
+        import pyarrow as pa
+
+        k, accuracy, chunk = params["k"], params["accuracy"], params["chunk"]
+        acc = np.zeros((k, 5))  # count, sum, centred sum of squares, min, max
+
+        def before(a: float, b: float) -> bool:  # Spark's order of doubles: NaN last
+            return bool((not np.isnan(a) and np.isnan(b)) or a < b)
+
+        pending: list[list[Any]] = [[] for _ in range(k)]
+        held = 0
+        rows = 0
+        q: list[list[float]] = []
+
+        def flush() -> None:
+            for j in range(k):
+                if not pending[j]:
+                    continue
+                x = np.sort(np.concatenate(pending[j]))
+                pending[j] = []
+                n = len(x)
+                s = float(x.sum())
+                m2 = float(np.square(x - s / n).sum())
+                cnt, tot = acc[j, 0], acc[j, 1]
+                # np.sort puts NaN last, as Spark orders doubles: the ends are its min and max.
+                lo, hi = float(x[0]), float(x[-1])
+                if cnt:  # merge with the earlier chunks (Chan et al.)
+                    d = s / n - tot / cnt
+                    m2 += d * d * cnt * n / (cnt + n)
+                    lo = lo if before(lo, acc[j, 3]) else acc[j, 3]
+                    hi = acc[j, 4] if before(hi, acc[j, 4]) else hi
+                acc[j] = [cnt + n, tot + s, acc[j, 2] + m2, lo, hi]
+                step = max(1, n // accuracy)
+                sample = x[::step]
+                if (n - 1) % step:
+                    sample = np.append(sample, x[-1])
+                q.append([float(j), float(n), float(step)] + sample.tolist())
+
+        for b in batches:
+            rows += b.num_rows
+            held += b.num_rows
+            for j in range(k):
+                col = b.column(j)
+                if col.null_count:
+                    col = col.drop_null()
+                if len(col):
+                    pending[j].append(col.to_numpy(zero_copy_only=False))
+            if held >= chunk:
+                flush()
+                held = 0
+        flush()
+        v = [float(a) for a in acc.ravel()]
+        yield pa.RecordBatch.from_pydict(
+            {"rows": [rows], "v": [v], "q": [q]},
+            schema=pa.schema(
+                [
+                    ("rows", pa.int64()),
+                    ("v", pa.list_(pa.float64())),
+                    ("q", pa.list_(pa.list_(pa.float64()))),
+                ]
+            ),
+        )
+
+    return stats
 
 
 def _fences(s: dict[str, Any], cfg: AnalyticsStage) -> tuple[float, float] | None:
@@ -116,7 +249,8 @@ def _second_pass(
     df: Any, numeric: list[str], categorical: list[str], first: dict[str, Any], cfg: AnalyticsStage
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Histograms, outlier counts and correlations in one pass (:func:`_moments`), then the
-    top values of the categorical columns in one exploded group-by."""
+    top values, non-null counts and numbers of distinct values of the categorical columns in
+    one exploded group-by."""
     from pyspark.sql import functions as F
     from pyspark.sql.window import Window
 
@@ -162,24 +296,39 @@ def _second_pass(
                 outliers[c] = int(sums["outliers"][k])
 
     top: dict[str, Any] = {c: [] for c in categorical}
+    cats: dict[str, Any] = {}
     if categorical:
         items = [
             F.struct(F.lit(j).alias("k"), _c(c).cast("string").alias("v"))
             for j, c in enumerate(categorical)
         ]
         w = Window.partitionBy("k").orderBy(F.col("n").desc(), F.col("v"))
+        per_column = Window.partitionBy("k")
         ranked = (
             df.select(F.explode(F.array(*items)).alias("e"))
             .where(F.col("e.v").isNotNull())
             .groupBy(F.col("e.k").alias("k"), F.col("e.v").alias("v"))
             .agg(F.count(F.lit(1)).alias("n"))
             .withColumn("rank", F.row_number().over(w))
+            .withColumn("values", F.sum("n").over(per_column))
+            .withColumn("distinct", F.count(F.lit(1)).over(per_column))
             .where(F.col("rank") <= cfg.top_k)
         )
         for r in ranked.collect():
-            top[categorical[int(r["k"])]].append({"value": r["v"], "count": int(r["n"])})
+            c = categorical[int(r["k"])]
+            top[c].append({"value": r["v"], "count": int(r["n"])})
+            cats[c] = {"count": int(r["values"]), "cardinality": int(r["distinct"])}
         for c in top:
             top[c].sort(key=lambda e: (-e["count"], e["value"]))
+    rows = first["rows"]
+    categorical_stats = {
+        c: {
+            "count": cats.get(c, {}).get("count", 0),
+            "nulls": rows - cats.get(c, {}).get("count", 0),
+            "cardinality": cats.get(c, {}).get("cardinality", 0),
+        }
+        for c in categorical
+    }
     found = {
         c: {
             "method": cfg.outlier_method,
@@ -190,7 +339,12 @@ def _second_pass(
         }
         for c, f in fences.items()
     }
-    return {"histograms": hist, "top_values": top, "correlation": corr}, found
+    return {
+        "histograms": hist,
+        "top_values": top,
+        "correlation": corr,
+        "categorical": categorical_stats,
+    }, found
 
 
 def _pearson(sums: dict[str, Any], a: int, b: int) -> float | None:
@@ -361,20 +515,26 @@ def run(df: Any, cfg: AnalyticsStage, ctx: RunContext) -> tuple[Any, dict[str, A
     except StageError as e:
         raise StageError(ctx.stage, str(e).split(": ", 1)[1]) from None
     ctx.progress(f"profiling {len(numeric)} numeric and {len(categorical)} categorical column(s)")
-    report = _first_pass(df, numeric, categorical, cfg)
+    report = _first_pass(df, numeric, cfg)
     extra, outliers = _second_pass(df, numeric, categorical, report, cfg)
     report.update(extra)
-    for c, o in outliers.items():
-        if o["count"] and cfg.sample_size:
-            rows = (
-                df.where((_c(c) < o["low"]) | (_c(c) > o["high"]))
-                .select(F.to_json(F.struct(*[_c(x) for x in df.columns])).alias("j"))
-                .limit(cfg.sample_size)
-                .collect()
-            )
-            import json
+    wanted = [c for c, o in outliers.items() if o["count"] and cfg.sample_size]
+    if wanted:
+        import json
+        from concurrent.futures import ThreadPoolExecutor
 
-            o["samples"] = [json.loads(r["j"]) for r in rows]
+        row = F.to_json(F.struct(*[_c(x) for x in df.columns])).alias("j")
+
+        def sample(c: str) -> list[Any]:
+            o = outliers[c]
+            cond = (_c(c) < o["low"]) | (_c(c) > o["high"])
+            return df.where(cond).select(row).limit(cfg.sample_size).collect()
+
+        # Small jobs (a limit each, reading only the first rows): submitted together, so that
+        # their scheduling overlaps instead of adding up.
+        with ThreadPoolExecutor(max_workers=min(4, len(wanted))) as pool:
+            for c, rows in zip(wanted, pool.map(sample, wanted), strict=True):
+                outliers[c]["samples"] = [json.loads(r["j"]) for r in rows]
     report["outliers"] = outliers
     report["charts"] = render_charts(report, ctx.run_dir / "charts", ctx.stage)
     return df, report
