@@ -14,10 +14,10 @@ Per micro-batch (``foreachBatch``):
    batch scoring); the model's alias is resolved again before every micro-batch;
 5. predictions and dead letters are written to Kafka.
 
-That is three Spark jobs per micro-batch, whatever the rules: the per-partition counts (which
-also cache the batch), the rule counts (which cache the transformed rows; ``fail`` rules are
-judged on them before anything is written), and one Kafka write of both outputs (each record
-names its topic) in which the executors score the clean events.
+That is two Spark actions per micro-batch, whatever the rules: one collect of the per-partition
+counts beside the rule counts (which caches the batch and the transformed rows; ``fail`` rules
+are judged on them before anything is written), and one Kafka write of both outputs (each
+record names its topic) in which the executors score the clean events.
 
 No loss, no duplicates: Spark replays a micro-batch that did not commit (same offsets, same
 rows). Before writing batch N the job records where the output topics ended; on a replay of N
@@ -90,6 +90,27 @@ def _task_of(model_dir: str) -> str:
     from ..ml.features import Preprocessor
 
     return Preprocessor.load(model_dir).task
+
+
+def _check_window_table(path: Path, checkpoint: Path, table: str) -> None:
+    """A window table written by a query whose checkpoint is gone cannot be appended to.
+
+    Spark's file sink skips every micro-batch id its ``_spark_metadata`` log already holds. A new
+    checkpoint restarts the ids at 0, so the window query would skip those batches without
+    running them (its aggregation state never written) and then fail on the first batch it does
+    run, reading state files that do not exist.
+    """
+    log_dir = path / "_spark_metadata"
+    written = [f for f in log_dir.glob("*") if f.name.split(".")[0].isdigit()]
+    commits = checkpoint / "commits"
+    started = commits.is_dir() and any(f.name.isdigit() for f in commits.iterdir())
+    if written and not started:
+        raise StreamFailed(
+            f"window table {table!r} ({path}) holds the output of an earlier window query "
+            f"({len(written)} micro-batch log file(s) in {log_dir}), but its checkpoint "
+            f"{checkpoint} is new: appending would skip micro-batches. Restore that checkpoint, "
+            "or move the table away (or set a new window.table) to start it afresh"
+        )
 
 
 class StreamJob:
@@ -385,25 +406,16 @@ class StreamJob:
         batch = batch.persist()
         data: Any = None
         try:
-            # Job 1 (and the batch's cache): events, malformed events and the last offset read,
-            # per input partition.
+            # Events, malformed events and the last offset read, per input partition (counted
+            # in job 1, below, with the rules).
             bad = F.col("e." + CORRUPT).isNotNull() | F.col("e").isNull()
-            per_partition = (
-                batch.groupBy(F.col("_rayline_partition").alias("p"))
-                .agg(
-                    F.count(F.lit(1)).alias("n"),
-                    F.sum(F.when(bad, 1).otherwise(0)).alias("bad"),
-                    F.max("_rayline_offset").alias("o"),
-                )
-                .collect()  # one row per input partition
+            per_partition = batch.groupBy(F.col("_rayline_partition").alias("_p")).agg(
+                F.count(F.lit(1)).alias("_n"),
+                F.sum(F.when(bad, 1).otherwise(0)).alias("_bad"),
+                F.max("_rayline_offset").alias("_o"),
             )
-            phase("counts")
-            total = sum(int(r["n"]) for r in per_partition)
-            if total == 0:
-                return
-            n_malformed = sum(int(r["bad"]) for r in per_partition)
-            read_to = {int(r["p"]): int(r["o"]) + 1 for r in per_partition}
             done = self._already_written(batch_id)
+            phase("replay")
             malformed = batch.where(bad)
             events = batch.where(~bad).select("e.*", *META).drop(CORRUPT)
 
@@ -434,17 +446,26 @@ class StreamJob:
             # Computed once: the counts, the dead letters and the predictions all read it.
             data = data.withColumn("_rayline_reasons", reasons).persist()
 
-            # Job 2 (and data's cache): rows left after the transforms, rows quarantined, rows
-            # breaking each rule; fail rules are judged here, before anything is written.
+            # Job 1 (and the caches of the batch and of data): the per-partition counts beside
+            # the rows left after the transforms, rows quarantined and rows breaking each rule,
+            # in one action; fail rules are judged here, before anything is written.
             counted = [(f"_f{i}", c) for i, (_, c) in enumerate(fail_flags)]
             counted += [(f"_q{i}", c) for i, (_, c) in enumerate(quarantine_flags)]
             counted += [(f"_w{i}", c) for i, (_, c) in enumerate(warn_flags)]
-            agg = data.agg(
+            rule_counts = data.agg(
                 F.count(F.lit(1)).alias("_rows"),
                 F.sum(F.when(F.size("_rayline_reasons") > 0, 1).otherwise(0)).alias("_rej"),
                 *[F.sum(F.when(c, 1).otherwise(0)).alias(a) for a, c in counted],
-            ).first()
-            phase("rules")
+            )
+            rows = per_partition.unionByName(rule_counts, allowMissingColumns=True).collect()
+            phase("count")
+            partitions = [r for r in rows if r["_p"] is not None]  # one per input partition
+            agg = next(r for r in rows if r["_p"] is None)
+            total = sum(int(r["_n"]) for r in partitions)
+            if total == 0:
+                return
+            n_malformed = sum(int(r["_bad"]) for r in partitions)
+            read_to = {int(r["_p"]): int(r["_o"]) + 1 for r in partitions}
             for i, ((stage_name, rule), _) in enumerate(fail_flags):
                 failed = int(agg[f"_f{i}"] or 0)
                 if failed > (rule.max_failed_fraction or 0.0) * total:
@@ -621,6 +642,7 @@ class StreamJob:
             )
         )
         path = table_path(self.spec.warehouse, win.table)
+        _check_window_table(Path(path), self.cp / "window", win.table)
         w = (
             out.writeStream.format("parquet")
             .outputMode("append")
