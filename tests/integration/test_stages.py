@@ -533,3 +533,64 @@ def test_profile_statistics_quantiles_top_values_and_outlier_samples(spark, tmp_
     out = rep["outliers"]["v"]
     assert out["count"] == 2  # 200 and 300 lie beyond the upper fence
     assert out["samples"] == [{"id": 28, "v": 200, "w": 1.0, "c": "z"}]  # the first in data order
+
+
+def test_dedupe_before_a_unique_rule_shuffles_and_sorts_once(spark, write_csv, make_spec):
+    """A dedupe whose keys include a following unique rule's columns shuffles by those columns,
+    so that the rule's window reuses its shuffle and sort; the rows are the same as without."""
+    from types import SimpleNamespace
+
+    from rayline.stages import quality, transform
+
+    path = write_csv(
+        "legs",
+        """
+        id,day,slot,v
+        1,1,1,10
+        1,1,1,10
+        1,1,2,11
+        2,1,1,12
+        2,2,1,13
+        2,2,1,13
+        3,1,1,14
+        """,
+    )
+    spec = make_spec(
+        {"legs": {"path": path, "format": "csv"}},
+        [
+            {
+                "name": "prep",
+                "type": "transform",
+                "input": "legs",
+                "steps": [{"op": "dedupe", "keys": ["day", "slot", "id"]}],
+            },
+            {
+                "name": "checks",
+                "type": "quality",
+                "rules": [{"name": "one_per_day", "type": "unique", "columns": ["id", "day"]}],
+            },
+        ],
+    )
+    result = run_pipeline(spec, spark=spark)
+    clean = sorted(
+        (r["id"], r["day"], r["slot"]) for r in read_table(spark, result, "curated").collect()
+    )
+    bad = sorted(
+        (r["id"], r["day"], r["slot"]) for r in read_table(spark, result, "quarantine").collect()
+    )
+    assert clean == [(2, 1, 1), (2, 2, 1), (3, 1, 1)]  # duplicates dropped, one row each
+    assert bad == [(1, 1, 1), (1, 1, 2)]  # id 1 twice on day 1 (two slots)
+
+    prep, checks = spec.stages
+    hint = transform.cluster_hint(prep, SimpleNamespace(spec=spec))
+    assert hint == ["id", "day"]
+    raw = spark.read.option("header", "true").option("inferSchema", "true").csv(path)
+
+    def plan(cluster_by):
+        rows = transform.apply_steps(raw, prep.steps, None, cluster_by=cluster_by)
+        work, _ = quality._row_flags(rows, checks, None)
+        return work._jdf.queryExecution().executedPlan().toString()
+
+    shared, apart = plan(hint), plan(None)
+    assert shared.count("Exchange hashpartitioning") == 1 and shared.count("Sort [") == 1
+    assert apart.count("Exchange hashpartitioning") == 2  # without the hint: two shuffles

@@ -141,6 +141,14 @@ def _row_flags(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[s
     return df, flags
 
 
+def _any(conds: list[Any]) -> Any:
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
+    return reduce(lambda a, b: a | b, conds) if conds else F.lit(False)
+
+
 def _verdict(rule: Any, failed: int, checked: int) -> tuple[str, float]:
     fraction = failed / checked if checked else 0.0
     if failed == 0:
@@ -271,15 +279,21 @@ def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any
         r.name for r in cfg.rules if r.severity in ("quarantine", "fail") and r.name in flags
     ]
     if flags:
-        reasons = F.filter(
-            F.array(*[F.when(cond, F.lit(name)) for name, cond in flags.items()]),
-            lambda x: x.isNotNull(),
-        )
+        # Interpreted (higher-order functions are not code-generated): only for the rows that
+        # broke a rule, the empty list otherwise.
+        failed = [F.coalesce(cond, F.lit(False)) for cond in flags.values()]
+        reasons = F.when(
+            _any(failed),
+            F.filter(
+                F.array(*[F.when(cond, F.lit(name)) for name, cond in flags.items()]),
+                lambda x: x.isNotNull(),
+            ),
+        ).otherwise(F.array().cast("array<string>"))
+        # Quarantined when a blocking rule's flag is set (the same as its name in the reasons).
+        quarantined = _any([f for name, f in zip(flags, failed, strict=True) if name in blocking])
     else:
         reasons = F.array().cast("array<string>")
-    quarantined = (
-        F.arrays_overlap(reasons, F.array(*map(F.lit, blocking))) if blocking else F.lit(False)
-    )
+        quarantined = F.lit(False)
     annotated = work.select(*map(_col, data_cols), reasons.alias(REASONS), quarantined.alias(FLAG))
 
     base = str(ctx.stage_dir() / "rows")

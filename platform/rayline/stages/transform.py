@@ -16,14 +16,16 @@ from ..config import (
     FillNullStep,
     FilterStep,
     JoinStep,
+    QualityStage,
     RenameStep,
     SelectStep,
     TimestampStep,
     TransformStage,
+    UniqueRule,
 )
 from ..context import RunContext, StageError
 
-__all__ = ["run", "apply_steps"]
+__all__ = ["run", "apply_steps", "cluster_hint"]
 
 
 def _need(df: Any, cols: list[str], where: str) -> None:
@@ -38,7 +40,7 @@ def _sql_error(where: str, err: Exception) -> ValueError:
     return ValueError(f"{where}: {msg}")
 
 
-def _apply(df: Any, step: Any, where: str, source: Any) -> Any:
+def _apply(df: Any, step: Any, where: str, source: Any, cluster_by: list[str] | None = None) -> Any:
     from pyspark.errors import AnalysisException, ParseException
     from pyspark.sql import functions as F
     from pyspark.sql.window import Window
@@ -67,6 +69,22 @@ def _apply(df: Any, step: Any, where: str, source: Any) -> Any:
             return df.fillna(dict(step.values))
         if isinstance(step, DedupeStep):
             _need(df, step.keys, where)
+            if cluster_by:
+                # One shuffle, by ``cluster_by`` (a subset of the keys), and one sort, by the keys
+                # with ``cluster_by`` first: a window over ``cluster_by`` after this step (a
+                # unique rule) then needs neither another shuffle nor another sort. Which row of
+                # a group is kept is as arbitrary as with dropDuplicates, unless order_by says.
+                keys = cluster_by + [k for k in step.keys if k not in cluster_by]
+                order = (
+                    [F.expr(step.order_by)] if step.order_by else [F.col(f"`{k}`") for k in keys]
+                )
+                w = Window.partitionBy(*[F.col(f"`{k}`") for k in keys]).orderBy(*order)
+                return (
+                    df.repartition(*[F.col(f"`{c}`") for c in cluster_by])
+                    .withColumn("_rayline_rn", F.row_number().over(w))
+                    .where("_rayline_rn = 1")
+                    .drop("_rayline_rn")
+                )
             if step.order_by is None:
                 return df.dropDuplicates(step.keys)
             w = Window.partitionBy(*step.keys).orderBy(F.expr(step.order_by))
@@ -113,11 +131,46 @@ def _apply(df: Any, step: Any, where: str, source: Any) -> Any:
     raise TypeError(f"{where}: unsupported step {step!r}")
 
 
-def apply_steps(df: Any, steps: list[Any], source: Any, stage: str = "transform") -> Any:
-    """Apply ``steps`` lazily; ``source(name)`` gives the DataFrame of a joined source."""
+def apply_steps(
+    df: Any,
+    steps: list[Any],
+    source: Any,
+    stage: str = "transform",
+    cluster_by: list[str] | None = None,
+) -> Any:
+    """Apply ``steps`` lazily; ``source(name)`` gives the DataFrame of a joined source.
+
+    ``cluster_by``: columns a later window partitions by (see :func:`cluster_hint`); the last
+    dedupe step whose keys include them all shuffles by them."""
+    last = None
+    if cluster_by:
+        dedupes = [
+            i
+            for i, s in enumerate(steps)
+            if isinstance(s, DedupeStep) and set(cluster_by) <= set(s.keys)
+        ]
+        last = dedupes[-1] if dedupes else None
     for i, step in enumerate(steps):
-        df = _apply(df, step, f"steps[{i}] ({step.op})", source)
+        hint = cluster_by if i == last else None
+        df = _apply(df, step, f"steps[{i}] ({step.op})", source, hint)
     return df
+
+
+def cluster_hint(cfg: TransformStage, ctx: RunContext) -> list[str] | None:
+    """The columns of the first unique rule of the quality stage right after this transform
+    stage, when a dedupe step's keys include them all: deduplicating by a shuffle on those
+    columns serves the rule's window too (one shuffle and one sort of the rows instead of two
+    each). None otherwise."""
+    stages = ctx.spec.stages
+    at = next((i for i, s in enumerate(stages) if s is cfg), None)
+    after = stages[at + 1] if at is not None and at + 1 < len(stages) else None
+    if not isinstance(after, QualityStage):
+        return None
+    dedupe_keys = [set(s.keys) for s in cfg.steps if isinstance(s, DedupeStep)]
+    for rule in after.rules:
+        if isinstance(rule, UniqueRule) and any(set(rule.columns) <= k for k in dedupe_keys):
+            return list(rule.columns)
+    return None
 
 
 def run(df: Any, cfg: TransformStage, ctx: RunContext) -> tuple[Any, dict[str, Any]]:
@@ -126,7 +179,7 @@ def run(df: Any, cfg: TransformStage, ctx: RunContext) -> tuple[Any, dict[str, A
     if start is None:
         raise StageError(ctx.stage, "no input: name an input source")
     try:
-        out = apply_steps(start, cfg.steps, ctx.source, ctx.stage)
+        out = apply_steps(start, cfg.steps, ctx.source, ctx.stage, cluster_hint(cfg, ctx))
         _ = out.schema  # analyse now: a bad expression fails here, naming its step
     except ValueError as e:
         raise StageError(ctx.stage, str(e)) from None
