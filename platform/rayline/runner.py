@@ -406,8 +406,13 @@ def _publish(
         q_spec = q_spec.model_copy(
             update={"partition_by": [c for c in q_spec.partition_by if c in q.columns]}
         )
-        q_out = write_table(spark, q, q_spec, spec.warehouse, run.run_id)
-        cur = write_table(spark, df, spec.outputs.curated, spec.warehouse, run.run_id)
+        q_out, cur = _write_both(
+            spark,
+            (q, q_spec),
+            (df, spec.outputs.curated),
+            spec.warehouse,
+            run.run_id,
+        )
         reasons = _reason_counts(spark, q_out["path"])
     except BaseException as e:
         ctx.lineage.emit("FAIL", "publish", stage_type="publish", error=str(e))
@@ -433,6 +438,28 @@ def _publish(
         _fmt(q_out["rows"]),
         run.record["publish_duration_s"],
     )
+
+
+def _write_both(
+    spark: Any, first: tuple[Any, Any], second: tuple[Any, Any], warehouse: str, run_id: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write two tables at once (each atomically, see :func:`write_table`): the small quarantine
+    table's jobs and catalog calls then overlap the curated table's write instead of adding to
+    it. Raises the first table's error if both fail; Spark's jobs are cancelled if this thread
+    is interrupted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayline-publish") as pool:
+        futures = [
+            pool.submit(write_table, spark, d, o, warehouse, run_id) for d, o in (first, second)
+        ]
+        try:
+            return futures[0].result(), futures[1].result()
+        except BaseException:
+            if not all(f.done() for f in futures):
+                with contextlib.suppress(Exception):
+                    spark.sparkContext.cancelAllJobs()
+            raise
 
 
 def _reason_counts(spark: Any, path: str) -> dict[str, int]:
