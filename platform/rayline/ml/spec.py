@@ -191,6 +191,10 @@ class TrainingSpec(_Model):
     threads_per_worker: int | None = Field(
         None, ge=1, description="TensorFlow intra-op threads per worker (default: its CPUs)."
     )
+    pin_cpus: bool = Field(
+        True,
+        description="With 2+ workers on a node, bind each to its own share of the node's cores.",
+    )
     max_failures: int = Field(
         1, ge=0, description="Worker failures tolerated (resumes from the last checkpoint)."
     )

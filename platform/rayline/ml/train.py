@@ -5,9 +5,10 @@ shard per worker; each worker reads its shard once, turns it into arrays with th
 :class:`~rayline.ml.features.Preprocessor`, and trains from memory, batches gathered from
 tensors: feeding Keras batch by batch from Ray Data costs more than the model's own step on
 small MLPs. With several workers, ``MultiWorkerMirroredStrategy`` all-reduces gradients each
-step (and nothing else: metrics are synchronized once per epoch); one worker trains without a
-strategy (one replica, same result, no collective overhead). Where the time went, and what each
-of these choices gained, is in ``benchmarks/README.md``.
+step (and nothing else: metrics are synchronized once per epoch), and the workers sharing a node
+are bound to their own cores (:func:`_pin_cpus`); one worker trains without a strategy (one
+replica, same result, no collective overhead). Where the time went, and what each of these
+choices gained, is in ``benchmarks/README.md``.
 
 Every epoch reports its metrics and a checkpoint (model with optimizer state, preprocessor,
 history). A run restarted with the same name and storage resumes from its last checkpoint; the
@@ -18,6 +19,7 @@ last report is the final model with the best validation weights (early stopping)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -151,6 +153,38 @@ def _local_metric_steps(model: Any, tf: Any) -> None:
     model.distribute_reduction_method = "first"
 
 
+def _pin_cpus(local_rank: int, local_world: int) -> list[int] | None:
+    """Bind this worker process (all its threads) to its own share of the node's cores when
+    several workers of the run share the node; returns the cores, or None (not pinned).
+
+    Synchronous data parallelism waits at every step for the slowest worker, and each step
+    hands a gRPC request to the other workers. Unbound, the workers' compute, TensorFlow and
+    gRPC threads migrate between the shared cores, and a step often waits for a thread to be
+    scheduled on a core the other worker is using. With 2 workers on 2 cores, binding each to
+    one core took a steady epoch from about 0.49 s to 0.34 s (benchmarks/README.md). Workers
+    share out the cores this process may use, in rank order (more workers than cores: rank
+    modulo cores). Concurrent runs on one node (Tune trials) each spread their workers the
+    same way, so they stay balanced. ``training.pin_cpus: false`` turns it off.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return None
+    if local_world < 2 or len(cpus) < 2:
+        return None
+    if local_world >= len(cpus):
+        mine = [cpus[local_rank % len(cpus)]]
+    else:
+        mine = [int(c) for c in np.array_split(np.array(cpus), local_world)[local_rank]]
+    # Threads started later inherit their creator's binding; the listing is repeated for
+    # threads started during the first pass.
+    for _ in range(2):
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):  # a thread that has exited
+                os.sched_setaffinity(int(tid), mine)
+    return mine
+
+
 def _save(
     model: Any,
     pre: Preprocessor,
@@ -175,6 +209,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     pre = Preprocessor.from_dict(config["pre"])
     params = config["params"]
     seed = int(config.get("seed", 0))
+    if world > 1 and config.get("pin_cpus", True):
+        cores = _pin_cpus(ctx.get_local_rank(), ctx.get_local_world_size())
+        if cores is not None:
+            log.info("training worker %d bound to cores %s", rank, cores)
     # The shards are read and transformed (numpy and pandas) while TensorFlow's import, started
     # by the backend (_prepare_worker), runs in its thread: ~1.3 s of the ~1.6 s import hidden.
     x_tr, y_tr = _arrays(config["shards"]["train"][rank], pre)
@@ -488,6 +526,7 @@ def fit_keras(
             "pre": pre.to_dict(),
             "params": params,
             "threads": threads,
+            "pin_cpus": t.pin_cpus,
             "seed": ml.split.seed,
             "model_name": ml.model_name,
             "run_name": name,
