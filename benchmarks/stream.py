@@ -319,7 +319,11 @@ def drive(
             iter(rows[offset : offset + n]), topic, bootstrap, rate=rates[0], key_columns=keys
         )
         td = time.perf_counter()
-        while len(tail.out) < offset and time.perf_counter() - td < 120:
+        while len(tail.out) < offset:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited during warm-up (rc {proc.returncode})")
+            if time.perf_counter() - td > 120:
+                raise RuntimeError(f"{name}: warm-up at {rates[0]} ev/s not done after 120 s")
             time.sleep(0.5)
         log.info(
             "%s: warm-up at %d ev/s for %.0f s done at %.0f s",

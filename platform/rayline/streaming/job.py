@@ -446,7 +446,7 @@ class StreamJob:
             # Computed once: the counts, the dead letters and the predictions all read it.
             data = data.withColumn("_rayline_reasons", reasons).persist()
 
-            # Job 1 (and the caches of the batch and of data): the per-partition counts beside
+            # Action 1 (and the caches of the batch and of data): the per-partition counts beside
             # the rows left after the transforms, rows quarantined and rows breaking each rule,
             # in one action; fail rules are judged here, before anything is written.
             counted = [(f"_f{i}", c) for i, (_, c) in enumerate(fail_flags)]
@@ -525,7 +525,7 @@ class StreamJob:
                 n_dead, n_pred = dead_out.count(), preds.count()
             self._mark_start(batch_id)
             phase("mark")
-            # Job 3: the predictions (scored on the executors) and the dead letters, written
+            # Action 2: the predictions (scored on the executors) and the dead letters, written
             # in one Kafka write: each record names its topic.
             (
                 preds.unionByName(dead_out.select("topic", "key", "value"))
