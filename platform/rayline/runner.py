@@ -34,7 +34,7 @@ from .config import (
 )
 from .context import QUARANTINE_COLUMNS, REASONS, RunContext, StageError
 from .lineage import LineageLog, dataset
-from .outputs import write_table
+from .outputs import link_table, write_table
 from .runstore import RunStore, now_iso
 from .stages import analytics, quality, schema, transform
 
@@ -412,6 +412,7 @@ def _publish(
             (df, spec.outputs.curated),
             spec.warehouse,
             run.run_id,
+            _kept_rows(run),
         )
         reasons = _reason_counts(spark, q_out["path"])
     except BaseException as e:
@@ -440,18 +441,45 @@ def _publish(
     )
 
 
+def _kept_rows(run: _Run) -> int | None:
+    """The kept rows of the last quality stage (what the curated table will hold), if any."""
+    for st in reversed(run.record["stages"]):
+        if st.get("type") == "quality":
+            return st.get("rows_out")
+    return None
+
+
+def _publish_table(
+    spark: Any, df: Any, out: Any, warehouse: str, run_id: str, rows: int | None
+) -> dict[str, Any]:
+    """Write ``df`` as the table ``out``; when ``df`` is a quality stage's kept rows already on
+    disk partitioned as the table is, link those files into place instead (no Spark job)."""
+    written = quality.written_rows(df)
+    if written is not None and written[1] == list(out.partition_by):
+        return link_table(spark, written[0], df.schema, out, warehouse, run_id, rows)
+    return write_table(spark, df, out, warehouse, run_id)
+
+
 def _write_both(
-    spark: Any, first: tuple[Any, Any], second: tuple[Any, Any], warehouse: str, run_id: str
+    spark: Any,
+    first: tuple[Any, Any],
+    second: tuple[Any, Any],
+    warehouse: str,
+    run_id: str,
+    second_rows: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write two tables at once (each atomically, see :func:`write_table`): the small quarantine
     table's jobs and catalog calls then overlap the curated table's write instead of adding to
     it. Raises the first table's error if both fail; Spark's jobs are cancelled if this thread
-    is interrupted."""
+    is interrupted. ``second_rows``: the second table's rows, when known."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayline-publish") as pool:
         futures = [
-            pool.submit(write_table, spark, d, o, warehouse, run_id) for d, o in (first, second)
+            pool.submit(write_table, spark, first[0], first[1], warehouse, run_id),
+            pool.submit(
+                _publish_table, spark, second[0], second[1], warehouse, run_id, second_rows
+            ),
         ]
         try:
             return futures[0].result(), futures[1].result()

@@ -396,10 +396,14 @@ def test_resume_after_publish_failure_runs_only_publish(
     spec = make_spec(
         sources, adults_stages(schema=True, severity="quarantine"), checkpoint_stages=checkpoint
     )
-    real = runner.write_table
-    monkeypatch.setattr(
-        runner, "write_table", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
-    )
+    real, real_link = runner.write_table, runner.link_table
+
+    def disk_full(*a, **k):
+        raise OSError("disk full")
+
+    # the curated table (the quality stage's files, linked) and the quarantine table (written)
+    monkeypatch.setattr(runner, "write_table", disk_full)
+    monkeypatch.setattr(runner, "link_table", disk_full)
     with pytest.raises(RunFailed, match="disk full") as e:
         run_pipeline(spec, spark=spark)
     rec = json.loads(Path(spec.run_store, e.value.run_id, "run.json").read_text())
@@ -407,6 +411,7 @@ def test_resume_after_publish_failure_runs_only_publish(
     assert ("data" in rec["stages"][1]["outputs"]) is checkpoint
     assert not Path(spec.warehouse, spec.outputs.curated.table).exists()
     monkeypatch.setattr(runner, "write_table", real)
+    monkeypatch.setattr(runner, "link_table", real_link)
     result = run_pipeline(spec, spark=spark, resume=e.value.run_id)
     assert [s["status"] for s in result.record["stages"]] == ["reused"] * 3
     assert result.record["outputs"]["curated"]["rows"] == 5
@@ -594,3 +599,73 @@ def test_dedupe_before_a_unique_rule_shuffles_and_sorts_once(spark, write_csv, m
     shared, apart = plan(hint), plan(None)
     assert shared.count("Exchange hashpartitioning") == 1 and shared.count("Sort [") == 1
     assert apart.count("Exchange hashpartitioning") == 2  # without the hint: two shuffles
+
+
+@pytest.mark.parametrize("after", [None, "transform"])
+def test_curated_table_is_the_quality_stages_files(spark, write_csv, make_spec, after):
+    """The quality stage writes its rows partitioned by kind and by the curated table's columns;
+    publishing links the clean and warned files into place (no second write) unless a stage that
+    changes the rows follows the quality stage. Either way the same table."""
+    import os
+
+    from rayline.stages import quality
+
+    stages = [
+        {"name": "schema", "type": "schema"},
+        {
+            "name": "prep",
+            "type": "transform",
+            "input": "people",
+            "steps": [{"op": "filter", "condition": "true"}],
+        },
+        {
+            "name": "checks",
+            "type": "quality",
+            "rules": [
+                {"name": "adults", "type": "range", "column": "age", "min": 18},
+                {
+                    "name": "email_ok",
+                    "type": "regex",
+                    "column": "email",
+                    "pattern": "[^@]+@[^@]+",
+                    "severity": "warn",
+                },
+            ],
+        },
+        {"name": "profile", "type": "analytics", "numeric_columns": ["score"]},
+    ]
+    if after:
+        stages.append(
+            {"name": "post", "type": "transform", "steps": [{"op": "filter", "condition": "true"}]}
+        )
+    table = f"t_link_{os.getpid()}_{after or 'none'}"
+    spec = make_spec(
+        people_sources(write_csv),
+        stages,
+        outputs={"curated": {"table": table, "partition_by": ["country"]}},
+    )
+    result = run_pipeline(spec, spark=spark)
+    out = result.record["outputs"]["curated"]
+    assert out["rows"] == 5  # bob (17) quarantined; cid's bad email only warned
+    got = spark.table(table)
+    assert sorted(got.columns) == sorted(["id", "name", "age", "country", "email", "score"])
+    assert {r["name"] for r in got.collect()} == {"ann", "cid", "dan", "eve", "fay"}
+    assert {p.name for p in Path(out["path"]).iterdir() if p.is_dir()} == {
+        "country=SE",
+        "country=NO",
+        "country=XX",
+    }
+    files = [f for f in Path(out["path"]).rglob("*.parquet")]
+    assert files and all((f.stat().st_nlink > 1) is (after is None) for f in files)
+    rows_dir = Path(result.run_dir, "stages", "checks", "rows")
+    assert {p.name for p in rows_dir.iterdir() if p.is_dir()} == {
+        f"{quality.KIND}=clean",
+        f"{quality.KIND}=warned",
+        f"{quality.KIND}=quarantined",
+    }
+    q = read_table(spark, result, "quarantine").collect()
+    assert [(r["name"], r["_rayline_reasons"]) for r in q] == [("bob", ["adults"])]
+    report = json.loads(Path(result.run_dir, "reports", "checks.json").read_text())
+    by = {r["rule"]: r for r in report["rules"]}
+    assert by["email_ok"]["failed"] == 1 and by["email_ok"]["samples"][0]["name"] == "cid"
+    assert by["adults"]["failed"] == 1 and by["adults"]["samples"][0]["name"] == "bob"

@@ -1,9 +1,15 @@
 """Quality stage: evaluate all rules, keep clean rows, quarantine failing rows with reasons.
 
-All row rules are evaluated in one Spark job that writes every row once, partitioned into clean
-and quarantined rows, each row carrying the list of rules it broke. The counts per rule are then
-read from that output's small reasons column, and dataset rules (row_count, freshness) from the
-same aggregation, so the data is computed once.
+All row rules are evaluated in one Spark job that writes every row once, partitioned by what
+happened to it (``clean``: no rule broken; ``warned``: only non-blocking rules broken;
+``quarantined``) and, when the curated table is written from this stage's rows, by the curated
+table's partition columns: the files of the clean and warned rows are then the curated table's
+files, which publishing links into place instead of writing again. The counts per rule and the
+dataset rules' inputs (row count, latest timestamps) are observed in the same job (no second
+pass). The rows that broke a rule, a small part of the data, are read back and their rules
+evaluated again for their reasons (the quarantine table's reasons and the failing-row samples):
+row rules are deterministic functions of the row, the referential sets and, for ``unique``, the
+other rows with the same key, all of which broke the rule too and are among them.
 """
 
 from __future__ import annotations
@@ -11,11 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import weakref
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..config import (
+    AnalyticsStage,
     ExpressionRule,
     FreshnessRule,
     InSetRule,
@@ -29,10 +37,31 @@ from ..config import (
 )
 from ..context import REASONS, RunContext, StageError
 
-__all__ = ["run", "restore", "QualityFailed"]
+__all__ = ["run", "restore", "written_rows", "QualityFailed"]
 
-FLAG = "_rayline_q"
+# The partition column of the stage's rows: what happened to each row.
+KIND = "_rayline_kind"
+CLEAN, WARNED, QUARANTINED = "clean", "warned", "quarantined"
 BROADCAST_LIMIT_BYTES = 64 * 1024 * 1024
+
+# DataFrame of kept rows -> (directory of the stage's rows, its partition columns after KIND):
+# set when the stage's clean and warned files can be published as they are.
+_WRITTEN: weakref.WeakKeyDictionary[Any, tuple[str, list[str]]] = weakref.WeakKeyDictionary()
+
+
+def written_rows(df: Any) -> tuple[list[str], list[str]] | None:
+    """For a DataFrame a quality stage returned: the directories holding exactly its rows as
+    Parquet files (the ``clean`` and ``warned`` partitions that exist) and the columns they are
+    partitioned by below those directories; None for any other DataFrame."""
+    try:
+        info = _WRITTEN.get(df)
+    except TypeError:  # not weakly referenceable: not a DataFrame
+        return None
+    if info is None:
+        return None
+    base, part_cols = info
+    dirs = [os.path.join(base, f"{KIND}={k}") for k in (CLEAN, WARNED)]
+    return [d for d in dirs if os.path.isdir(d)], part_cols
 
 
 class QualityFailed(StageError):
@@ -160,20 +189,28 @@ def _verdict(rule: Any, failed: int, checked: int) -> tuple[str, float]:
     return ("quarantined" if rule.severity == "quarantine" else "tolerated"), fraction
 
 
-def _summarise(
-    full: Any, cfg: QualityStage, ctx: RunContext, row_rules: list[str]
-) -> dict[str, Any]:
-    """One aggregation over the written rows: per-rule failures and dataset-rule inputs."""
+def _observed(cfg: QualityStage, flag_cols: list[str], quarantined: Any) -> list[Any]:
+    """What the writing job observes: rows, quarantined rows, failures per row rule (its flag
+    column), the latest value of each freshness rule's column."""
     from pyspark.sql import functions as F
 
-    aggs = [F.count(F.lit(1)).alias("_rows"), F.sum(F.col(FLAG).cast("long")).alias("_q")]
-    for i, name in enumerate(row_rules):
-        aggs.append(F.sum(F.array_contains(F.col(REASONS), name).cast("long")).alias(f"r{i}"))
+    aggs = [F.count(F.lit(1)).alias("_rows"), F.sum(quarantined.cast("long")).alias("_q")]
+    for i, c in enumerate(flag_cols):
+        aggs.append(F.sum(F.col(c).cast("long")).alias(f"r{i}"))
     fresh = [r for r in cfg.rules if isinstance(r, FreshnessRule)]
-    for j, r in enumerate(fresh):
-        aggs.append(F.max(_col(r.column)).alias(f"f{j}"))
-    row = full.agg(*aggs).first()
-    total = int(row["_rows"])
+    for j, r in enumerate(fresh):  # as microseconds: an observation returns Java objects
+        aggs.append(F.max(F.unix_micros(_col(r.column).cast("timestamp"))).alias(f"f{j}"))
+    return aggs
+
+
+def _summarise(
+    row: dict[str, Any], cfg: QualityStage, ctx: RunContext, row_rules: list[str]
+) -> dict[str, Any]:
+    """The report's rules from the observed metrics: per-rule failures and dataset rules."""
+    from pyspark.sql.types import TimestampType
+
+    fresh = [r for r in cfg.rules if isinstance(r, FreshnessRule)]
+    total = int(row["_rows"] or 0)
     failed = {name: int(row[f"r{i}"] or 0) for i, name in enumerate(row_rules)}
 
     rules: list[dict[str, Any]] = []
@@ -195,7 +232,9 @@ def _summarise(
                 verdict=("warned" if rule.severity == "warn" else "failed") if bad else "passed",
             )
         elif isinstance(rule, FreshnessRule):
-            latest = row[f"f{fresh.index(rule)}"]
+            micros = row.get(f"f{fresh.index(rule)}")
+            # the datetime a query's result gives (local wall-clock time, no zone)
+            latest = None if micros is None else TimestampType().fromInternal(int(micros))
             ref = datetime.fromisoformat(rule.reference) if rule.reference else ctx.started_at
             if latest is not None and latest.tzinfo is None and ref.tzinfo is not None:
                 ref = ref.replace(tzinfo=None)  # Spark returns UTC wall-clock times
@@ -214,7 +253,7 @@ def _summarise(
                 verdict=("warned" if rule.severity == "warn" else "failed") if bad else "passed",
             )
         rules.append(entry)
-    return {"rows": total, "_quarantined": int(row["_q"] or 0), "rules": rules}
+    return {"rows": total, "_quarantined": int(row.get("_q") or 0), "rules": rules}
 
 
 def _samples(
@@ -249,22 +288,67 @@ def _samples(
     return out
 
 
-def _read_parts(ctx: RunContext, base: str, schema: Any) -> tuple[Any, Any, Any]:
-    """(all rows, clean rows, quarantined rows) of the partitioned output at ``base``."""
-    from pyspark.sql import functions as F
-    from pyspark.sql.types import BooleanType, StructField, StructType
+def _rows_partitions(cfg: QualityStage, ctx: RunContext, data_cols: list[str]) -> list[str]:
+    """The curated table's partition columns, when the curated table is this stage's rows (only
+    analytics stages, which pass their input through, follow it): the rows are then written
+    partitioned by them below the kind, as the curated table's files. [] otherwise."""
+    stages = ctx.spec.stages
+    at = next((i for i, st in enumerate(stages) if st is cfg), None)
+    if at is None or any(not isinstance(st, AnalyticsStage) for st in stages[at + 1 :]):
+        return []
+    cols = list(ctx.spec.outputs.curated.partition_by)
+    return cols if all(c in data_cols for c in cols) else []
 
-    if any(n.startswith(f"{FLAG}=") for n in os.listdir(base)):
-        full = ctx.spark.read.parquet(base).withColumn(FLAG, F.col(FLAG).cast("boolean"))
-    else:  # no input rows: Spark wrote no partition
-        full = ctx.spark.createDataFrame(
-            [], StructType(list(schema.fields) + [StructField(FLAG, BooleanType())])
+
+def _read_rows(ctx: RunContext, base: str, schema: Any, part_cols: list[str]) -> Any:
+    """Every row of the stage's output at ``base``: the data columns (``schema``, with their own
+    types, the partition columns' too) and the kind."""
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    fields = [f for f in schema.fields if f.name not in part_cols]
+    parts = [StructField(KIND, StringType())] + [schema[c] for c in part_cols]
+    if not any(n.startswith(f"{KIND}=") for n in os.listdir(base)):  # no rows: no partition
+        return ctx.spark.createDataFrame([], StructType(fields + parts))
+    return ctx.spark.read.schema(StructType(fields + parts)).parquet(base)
+
+
+def _with_reasons(failing: Any, cfg: QualityStage, ctx: RunContext, data_cols: list[str]) -> Any:
+    """The rows that broke a rule, each with the names of the rules it broke: the rules
+    evaluated again on these rows alone (see the module's docstring for why that is exact)."""
+    from pyspark.sql import functions as F
+
+    work, flags = _row_flags(failing, cfg, ctx)
+    if flags:
+        reasons = F.filter(
+            F.array(
+                *[F.when(F.coalesce(cond, F.lit(False)), F.lit(n)) for n, cond in flags.items()]
+            ),
+            lambda x: x.isNotNull(),
         )
-    return full, full.where(~F.col(FLAG)).drop(FLAG), full.where(F.col(FLAG)).drop(FLAG)
+    else:
+        reasons = F.array().cast("array<string>")
+    return work.select(*map(_col, data_cols), F.col(KIND), reasons.alias(REASONS))
+
+
+def _legacy_parts(ctx: RunContext, base: str, data_cols: list[str]) -> tuple[Any, Any]:
+    """(clean rows, quarantined rows with reasons) of a stage output written before the kinds
+    (partitioned by a boolean ``_rayline_q``, every row with its reasons): --resume of a run
+    that an earlier version of Rayline started."""
+    from pyspark.sql import functions as F
+
+    full = ctx.spark.read.parquet(base).withColumn(
+        "_rayline_q", F.col("_rayline_q").cast("boolean")
+    )
+    clean = full.where(~F.col("_rayline_q")).select(*map(_col, data_cols))
+    bad = full.where(F.col("_rayline_q")).select(*map(_col, data_cols), F.col(REASONS))
+    return clean, bad
 
 
 def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any]]:
-    """Evaluate the rules; return the clean rows (read back from disk) and the report."""
+    """Evaluate the rules; return the kept rows (read back from disk) and the report."""
+    import uuid
+
+    from pyspark.sql import Observation
     from pyspark.sql import functions as F
 
     if df is None:
@@ -278,43 +362,48 @@ def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any
     blocking = [
         r.name for r in cfg.rules if r.severity in ("quarantine", "fail") and r.name in flags
     ]
-    if flags:
-        # Interpreted (higher-order functions are not code-generated): only for the rows that
-        # broke a rule, the empty list otherwise.
-        failed = [F.coalesce(cond, F.lit(False)) for cond in flags.values()]
-        reasons = F.when(
-            _any(failed),
-            F.filter(
-                F.array(*[F.when(cond, F.lit(name)) for name, cond in flags.items()]),
-                lambda x: x.isNotNull(),
-            ),
-        ).otherwise(F.array().cast("array<string>"))
-        # Quarantined when a blocking rule's flag is set (the same as its name in the reasons).
-        quarantined = _any([f for name, f in zip(flags, failed, strict=True) if name in blocking])
-    else:
-        reasons = F.array().cast("array<string>")
-        quarantined = F.lit(False)
-    annotated = work.select(*map(_col, data_cols), reasons.alias(REASONS), quarantined.alias(FLAG))
+    # Each rule's flag is computed once, as a column: the observed counts and the kind read it.
+    flag_cols = [f"_rayline_f{i}" for i in range(len(flags))]
+    flagged = work.select(
+        *map(_col, data_cols),
+        *[
+            F.coalesce(cond, F.lit(False)).alias(c)
+            for c, cond in zip(flag_cols, flags.values(), strict=True)
+        ],
+    )
+    by_name = dict(zip(flags, (F.col(c) for c in flag_cols), strict=True))
+    quarantined = _any([f for name, f in by_name.items() if name in blocking])
+    warned = _any([f for name, f in by_name.items() if name not in blocking])
+    kind = F.when(quarantined, F.lit(QUARANTINED)).when(warned, F.lit(WARNED))
+    part_cols = _rows_partitions(cfg, ctx, data_cols)
+    obs = Observation(f"rayline-{ctx.stage}-{uuid.uuid4().hex[:8]}")
+    rows = flagged.observe(obs, *_observed(cfg, flag_cols, quarantined)).select(
+        *map(_col, data_cols), kind.otherwise(F.lit(CLEAN)).alias(KIND)
+    )
 
     base = str(ctx.stage_dir() / "rows")
     ctx.progress(f"evaluating {len(cfg.rules)} rule(s) in one pass")
     if os.path.exists(base):  # a resumed attempt: never mix in the last attempt's partitions
         shutil.rmtree(base)
-    annotated.write.partitionBy(FLAG).parquet(base)
-    full, clean, bad = _read_parts(ctx, base, annotated.drop(FLAG).schema)
+    rows.write.partitionBy(KIND, *part_cols).parquet(base)
+    report = _summarise(obs.get, cfg, ctx, list(flags))
 
-    report = _summarise(full, cfg, ctx, list(flags))
+    full = _read_rows(ctx, base, df.schema, part_cols)
+    clean = full.where(F.col(KIND) != QUARANTINED).select(*map(_col, data_cols))
+    failing = _with_reasons(full.where(F.col(KIND) != CLEAN), cfg, ctx, data_cols)
     sampled = [e["rule"] for e in report["rules"] if e["failed"] and e["rule"] in flags]
     if sampled and cfg.sample_size:
-        samples = _samples(full, sampled, cfg.sample_size, data_cols)
+        samples = _samples(failing, sampled, cfg.sample_size, data_cols)
         for entry in report["rules"]:
             if entry["rule"] in samples:
                 entry["samples"] = samples[entry["rule"]]
     report["quarantined_rows"] = report.pop("_quarantined")
     report["clean_rows"] = report["rows"] - report["quarantined_rows"]
     report["outputs"] = {"rows": base}
+    report["rows_partition_by"] = [KIND, *part_cols]
     failed = [e for e in report["rules"] if e["verdict"] == "failed"]
     report["verdict"] = "failed" if failed else "passed"
+    bad = failing.where(F.col(KIND) == QUARANTINED).drop(KIND)
     ctx.quarantine_parts.append((ctx.stage, _as_quarantine(bad, ctx.stage)))
     ctx.progress(
         f"{report['rows']:,} rows checked: {report['clean_rows']:,} clean, "
@@ -327,7 +416,8 @@ def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any
             for e in failed
         )
         raise QualityFailed(ctx.stage, f"quality rules failed: {detail}", report)
-    return clean.drop(REASONS), report
+    _WRITTEN[clean] = (base, part_cols)
+    return clean, report
 
 
 def _as_quarantine(bad: Any, stage: str) -> Any:
@@ -341,7 +431,21 @@ def _as_quarantine(bad: Any, stage: str) -> Any:
 
 
 def restore(cfg: QualityStage, ctx: RunContext, report: dict[str, Any], schema: Any) -> Any:
-    """Reload a previous attempt's clean rows and quarantine part (used by --resume)."""
-    _, clean, bad = _read_parts(ctx, report["outputs"]["rows"], schema)
+    """Reload a previous attempt's kept rows and quarantine part (used by --resume)."""
+    from pyspark.sql import functions as F
+
+    base = report["outputs"]["rows"]
+    data_cols = [f.name for f in schema.fields]
+    layout = report.get("rows_partition_by")
+    if layout is None:
+        clean, bad = _legacy_parts(ctx, base, data_cols)
+        ctx.quarantine_parts.append((ctx.stage, _as_quarantine(bad, ctx.stage)))
+        return clean
+    part_cols = list(layout[1:])
+    full = _read_rows(ctx, base, schema, part_cols)
+    clean = full.where(F.col(KIND) != QUARANTINED).select(*map(_col, data_cols))
+    failing = _with_reasons(full.where(F.col(KIND) != CLEAN), cfg, ctx, data_cols)
+    bad = failing.where(F.col(KIND) == QUARANTINED).drop(KIND)
     ctx.quarantine_parts.append((ctx.stage, _as_quarantine(bad, ctx.stage)))
-    return clean.drop(REASONS)
+    _WRITTEN[clean] = (base, part_cols)
+    return clean
