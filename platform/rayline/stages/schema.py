@@ -267,8 +267,27 @@ def _check_source(name: str, ctx: RunContext) -> dict[str, Any]:
 
 def run(df: Any, cfg: SchemaStage, ctx: RunContext) -> tuple[Any, dict[str, Any]]:
     """Check the schema of each source; the pipeline's DataFrame passes through unchanged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .transform import _source_bytes
+
     names = cfg.sources or list(ctx.spec.sources)
-    report = {"sources": {name: _check_source(name, ctx) for name in names}}
+    size = {name: _source_bytes(ctx.paths(name)) for name in names}
+    largest = max(names, key=lambda n: size[n])
+    # The smaller sources are checked at once, then the largest: a small source's Spark jobs
+    # (inference, the counting pass) are mostly driver-side scheduling, which then overlaps the
+    # other small sources' instead of adding up. (Beside the largest source's pass they would
+    # wait: its tasks hold every core until it ends.) Each source has its own entries in the
+    # context and its own schema versions; the report keeps the sources' order.
+    small = [n for n in names if n != largest]
+    results: dict[str, Any] = {}
+    with ThreadPoolExecutor(max_workers=min(4, len(small)) or 1) as pool:
+        futures = {n: pool.submit(_check_source, n, ctx) for n in small}
+        for n in names:
+            if n != largest:
+                results[n] = futures[n].result()
+    results[largest] = _check_source(largest, ctx)
+    report = {"sources": {name: results[name] for name in names}}
     return df, report
 
 
