@@ -316,3 +316,69 @@ def test_two_workers_train_together(spark, tmp_path):
     assert out.history[0]["samples"] == pytest.approx(len(df) * 0.8, rel=0.05)
     pred = load_model(out.checkpoint_dir).predict(df.head(200))["prediction"]
     assert np.sqrt(np.mean((pred - df["y"].head(200).to_numpy()) ** 2)) < 0.6
+
+
+def _small_regression(seed: int, n: int = 3000):
+    import ray.data
+
+    from rayline.ml.features import fit_preprocessor
+    from rayline.ml.handoff import split_dataset
+    from rayline.ml.spec import MLSpec
+
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"a": rng.normal(size=n), "b": rng.normal(size=n)})
+    df["y"] = df["a"] - 2 * df["b"] + rng.normal(scale=0.1, size=n)
+    ml = MLSpec.model_validate(
+        {
+            "model_name": "small",
+            "task": "regression",
+            "label": "y",
+            "features": {"numeric": ["a", "b"]},
+            "model": {"epochs": 2, "batch_size": 256, "early_stopping_patience": None},
+            "training": {"max_failures": 0},
+        }
+    )
+    splits, _ = split_dataset(ray.data.from_pandas(df), ml)
+    return splits, fit_preprocessor(splits["train"], ml), ml
+
+
+def _live_placement_groups() -> list[str]:
+    from ray.util.placement_group import placement_group_table
+
+    return [k for k, v in placement_group_table().items() if v.get("state") != "REMOVED"]
+
+
+def test_failed_training_raises_the_worker_error_and_frees_its_workers(spark, tmp_path):
+    """A worker that fails (here: the model cannot be built) fails fit_keras with the worker's
+    error, and the run's placement group (its CPUs) is released: Ray Train's controller runs in
+    this process by default."""
+    from rayline.ml.train import _controller_in_driver, fit_keras, model_params
+
+    assert _controller_in_driver()
+    splits, pre, ml = _small_regression(3)
+    before = set(_live_placement_groups())
+    with pytest.raises(RuntimeError, match=r"(?s)training run 'fails' failed.*no-such-activation"):
+        fit_keras(
+            splits,
+            pre,
+            ml,
+            tmp_path,
+            "fails",
+            params=model_params(ml, {"activation": "no-such-activation"}),
+        )
+    assert set(_live_placement_groups()) <= before
+    assert not (tmp_path / "fails").exists() or not list((tmp_path / "fails").glob("checkpoint_*"))
+
+
+def test_training_with_the_controller_in_an_actor(spark, tmp_path, monkeypatch):
+    """RAYLINE_TRAIN_CONTROLLER=actor: Ray Train's own controller actor trains the same way
+    (a checkpoint per epoch, the final report)."""
+    from rayline.ml.train import HISTORY_FILE, _controller_in_driver, fit_keras
+
+    monkeypatch.setenv("RAYLINE_TRAIN_CONTROLLER", "actor")
+    assert not _controller_in_driver()
+    splits, pre, ml = _small_regression(4)
+    out = fit_keras(splits, pre, ml, tmp_path, "in-actor")
+    assert [h["epoch"] for h in out.history] == [1, 2]
+    assert out.metrics["final"] == 1 and out.metrics["epochs_run"] == 2
+    assert (out.checkpoint_dir / HISTORY_FILE).is_file()

@@ -308,3 +308,19 @@ def test_time_split_on_tz_aware_arrow_timestamps(arrow_backed):
     )
     df = t.to_pandas(types_mapper=pd.ArrowDtype) if arrow_backed else t.to_pandas()
     assert _assign(df, spec, ["y"])[_SPLIT_COL].tolist() == [0, 1, 2]
+
+
+def test_where_the_train_controller_runs(monkeypatch):
+    from rayline.ml.train import _controller_in_driver
+
+    monkeypatch.delenv("RAYLINE_TRAIN_CONTROLLER", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_STATE_TRACKING", raising=False)
+    assert _controller_in_driver()
+    monkeypatch.setenv("RAYLINE_TRAIN_CONTROLLER", " Actor ")
+    assert not _controller_in_driver()
+    monkeypatch.setenv("RAYLINE_TRAIN_CONTROLLER", "driver")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # it records the actor
+    assert not _controller_in_driver()
+    monkeypatch.setenv("RAYLINE_TRAIN_CONTROLLER", "thread")
+    with pytest.raises(ValueError, match="RAYLINE_TRAIN_CONTROLLER"):
+        _controller_in_driver()

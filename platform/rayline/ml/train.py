@@ -67,20 +67,37 @@ def model_params(ml: MLSpec, overrides: dict[str, Any] | None = None) -> dict[st
     return p
 
 
-def _arrays(shard: Any, pre: Preprocessor) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    # A materialized shard (split by fit_keras): its Arrow blocks fetched and concatenated.
-    # Not ``shard.to_pandas()``: that runs Ray Data's executor, whose first use in a process
-    # creates its stats actor and the autoscaling coordinator (a new process each, ~1 s of
-    # CPU competing with the worker's start-up).
+def _block_refs(ds: Any) -> list[Any]:
+    """The object refs of a materialized dataset's blocks (in the driver, where the dataset
+    was materialized; no Ray Data executor runs for a materialized dataset)."""
+    try:
+        bundles = list(ds.iter_internal_ref_bundles())
+    except AttributeError:  # another Ray version
+        return list(ds.to_arrow_refs())
+    return [e.ref if hasattr(e, "ref") else e[0] for b in bundles for e in b.blocks]
+
+
+def _arrays(refs: list[Any], pre: Preprocessor) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A worker's shard, as the blocks fit_keras passed (:func:`_block_refs`), fetched and
+    converted here. Neither ``shard.to_pandas()``, which runs Ray Data's executor (its first use
+    in a process creates its stats actor and autoscaling coordinator), nor
+    ``shard.to_arrow_refs()``, which converts pandas blocks in Ray tasks: tasks submitted from
+    the worker inherit its runtime environment, so no idle Ray worker process matches and one
+    is started (~1 s of CPU competing with the worker's own start-up)."""
     import pyarrow as pa
     import ray
+    from ray.data.block import BlockAccessor
 
     cols = pre.feature_columns + [pre.label]
-    tables = [t.select(cols) for t in ray.get(shard.to_arrow_refs()) if t.num_rows]
-    if not tables:
+    blocks = [b for b in ray.get(list(refs)) if BlockAccessor.for_block(b).num_rows()]
+    if not blocks:
         df = pd.DataFrame({c: [] for c in cols})
-    else:
+    elif all(isinstance(b, pa.Table) for b in blocks):
+        tables = [b.select(cols) for b in blocks]
         df = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    else:
+        frames = [BlockAccessor.for_block(b).to_pandas()[cols] for b in blocks]
+        df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
     return pre.transform(df), pre.labels(df)
 
 
@@ -410,6 +427,60 @@ def _prepare_worker() -> None:
     ).start()
 
 
+# Where Ray Train's controller runs: "driver" (default: in the process calling fit_keras) or
+# "actor" (Ray Train's own way: an actor, a process of its own).
+CONTROLLER_ENV = "RAYLINE_TRAIN_CONTROLLER"
+
+
+def _controller_in_driver() -> bool:
+    """Whether Ray Train's controller runs in the process calling fit_keras
+    (``RAYLINE_TRAIN_CONTROLLER``, default ``driver``) and not in an actor (``actor``, also
+    when Ray Train's state tracking is on: it records the controller's actor)."""
+    mode = os.environ.get(CONTROLLER_ENV, "driver").strip().lower()
+    if mode not in ("driver", "actor"):
+        raise ValueError(f"{CONTROLLER_ENV} must be 'driver' or 'actor', not {mode!r}")
+    tracking = os.environ.get("RAY_TRAIN_ENABLE_STATE_TRACKING", "0").strip().lower()
+    return mode == "driver" and tracking not in ("1", "true")
+
+
+def _run_controller(controller: Any) -> None:
+    """Run an in-process controller's control loop to its end. In a thread of its own when
+    this thread already runs an event loop (a notebook); if the call is interrupted (Ctrl-C,
+    SIGTERM), the worker group is stopped before the exception goes on."""
+    import asyncio
+    import threading
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        in_loop = False
+    else:
+        in_loop = True
+    try:
+        if not in_loop:
+            asyncio.run(controller.run())
+            return
+        failed: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                asyncio.run(controller.run())
+            except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+                failed.append(e)
+
+        thread = threading.Thread(target=target, name="rayline-train-controller", daemon=True)
+        thread.start()
+        thread.join()
+        if failed:
+            raise failed[0]
+    except BaseException:
+        group = controller.get_worker_group()
+        if group is not None:
+            with contextlib.suppress(Exception):
+                group.abort()
+        raise
+
+
 @functools.cache
 def _ray_train() -> Any:
     """Ray Train's ``TensorflowTrainer`` and the backend config Rayline gives it (Ray Train
@@ -465,6 +536,8 @@ def _ray_train() -> Any:
         def backend_cls(self) -> Any:
             return KerasBackend
 
+    local_controller = _in_process_controller()
+
     class Trainer(TensorflowTrainer):  # type: ignore[misc]
         """Ray Train's ``TensorflowTrainer`` with three changes.
 
@@ -479,11 +552,36 @@ def _ray_train() -> Any:
           that Tune stops are removed by rayline.ml.tune.)
         - No DatasetsCallback when no datasets are given (fit_keras passes the shards in the
           loop's config): it would start a DatasetManager actor (a process) for nothing.
+        - Its controller runs in this process, not in an actor (see
+          :func:`_in_process_controller`).
         """
 
         def __init__(self, train_loop_per_worker: Any, **kwargs: Any) -> None:
             kwargs["backend_config"] = KerasBackendConfig()
             super(TensorflowTrainer, self).__init__(train_loop_per_worker, **kwargs)
+
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            """The controller in this process (:func:`_in_process_controller`), unless
+            :func:`_controller_in_driver` says otherwise or this Ray version lacks what it
+            needs."""
+            if local_controller is None or not _controller_in_driver():
+                return super()._initialize_and_run_controller(**kwargs)
+            controller_cls, policy_cls = local_controller
+            policy: Any = kwargs.get("scaling_policy")
+            if policy_cls is not None and type(policy) is policy_cls.__base__:
+                kwargs["scaling_policy"] = policy_cls(scaling_config=policy.scaling_config)
+            # Its log records go to this process's logging (see _in_process_controller).
+            key = "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING"
+            unset = key not in os.environ
+            if unset:
+                os.environ[key] = "0"
+            try:
+                controller = controller_cls(**kwargs)
+            finally:
+                if unset:
+                    os.environ.pop(key, None)
+            _run_controller(controller)
+            return controller.get_result()
 
         def _create_default_callbacks(self) -> list[Any]:
             callbacks = super()._create_default_callbacks()
@@ -503,21 +601,144 @@ def _ray_train() -> Any:
     return Trainer
 
 
+@functools.cache
+def _in_process_controller() -> tuple[Any, Any] | None:
+    """Ray Train's controller class, to run in the process calling ``fit_keras``, and a scaling
+    policy that sends its resource requests from a thread; None if this Ray version lacks what
+    they need.
+
+    Ray Train runs its controller in an actor: a process started for each run, which imports
+    Ray Train (~1 s of CPU) before it can even ask for the workers, so on 2 cores the workers
+    started about 1.3 s after ``fit_keras`` was called, and the controller's start competed with
+    theirs. In this process the controller starts at once: the same class, the same control
+    loop, callbacks, checkpoint bookkeeping and failure handling (retries), its worker actors
+    owned by this process (they end with it, as they ended with the controller actor, which
+    this process owned). Two things differ:
+
+    - the workers' train context gets no handle to a controller actor: only
+      ``ray.train.get_all_reported_checkpoints`` uses it, and Rayline does not;
+    - the controller's log records go to this process's ``ray.train`` logger (Ray Train's
+      structured controller log files are off unless
+      ``RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING`` is set: Ray configures them with
+      ``logging.config.dictConfig``, which would reset this process's logging handlers).
+
+    The controller's first act is a resource request to Ray's autoscaling coordinator (a
+    detached actor, created by the first request in a cluster), waited for before the workers
+    are started. The policy returned sends it once the worker group runs, and its requests and
+    their cancellation from one thread, in order: the coordinator's process, when it has to be
+    started, no longer starts with the worker's and Ray Train's synchronization actor's (three
+    processes starting on 2 cores took the worker's start from ~1.0 s to ~2.2 s), and the
+    workers do not wait for it. On a fixed-size cluster the request only informs Ray Data's
+    resource budgets; an autoscaler sees the workers' placement group anyway.
+    """
+    import concurrent.futures
+
+    try:
+        from ray.train.v2._internal.execution.controller import TrainController
+        from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+        from ray.train.v2._internal.execution.worker_group import WorkerGroup
+    except ImportError:
+        return None
+    if not (
+        hasattr(TrainController, "worker_group_cls")
+        and hasattr(TrainController, "get_worker_group")
+        and hasattr(WorkerGroup, "_init_train_context_on_workers")
+        and hasattr(WorkerGroup, "_decorate_worker_log_file_paths")
+    ):
+        return None
+
+    class LocalWorkerGroup(WorkerGroup):  # type: ignore[misc]
+        def _init_train_context_on_workers(
+            self, workers: list[Any], sync_actor: Any, train_context_args: dict[str, list[Any]]
+        ) -> None:
+            # As Ray Train does, but without a controller actor to hand the workers.
+            import ray
+
+            ray.get(
+                [
+                    w.actor.init_train_context.remote(
+                        train_run_context=self._train_run_context,
+                        distributed_context=w.distributed_context,
+                        synchronization_actor=sync_actor,
+                        storage_context=self._storage_context,
+                        worker_callbacks=self._worker_callbacks_to_propagate,
+                        controller_actor=None,
+                        **{k: v[i] for k, v in train_context_args.items()},
+                    )
+                    for i, w in enumerate(workers)
+                ]
+            )
+            self._decorate_worker_log_file_paths(workers)
+
+    class LocalController(TrainController):  # type: ignore[misc]
+        worker_group_cls = LocalWorkerGroup
+
+    policy_cls: Any = None
+    needed = ("_send_resource_request", "_maybe_send_resource_request", "_cancel_resource_request")
+    if all(hasattr(FixedScalingPolicy, m) for m in needed):
+
+        class BackgroundRequests(FixedScalingPolicy):  # type: ignore[misc]
+            """Resource requests sent once the worker group runs (at its first poll), from one
+            thread, in order; the cancellation at shutdown waits for them."""
+
+            def __init__(self, scaling_config: Any) -> None:
+                super().__init__(scaling_config=scaling_config)
+                self._requests = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="rayline-train-resources"
+                )
+                self._running = False
+                self._sent = False
+
+            def _submit(self, fn: Any) -> Any:
+                self._sent = True
+                try:
+                    return self._requests.submit(fn)
+                except RuntimeError:  # after the cancellation: send it from here
+                    fn()
+                    return None
+
+            def _send_resource_request(self) -> None:
+                if self._running:  # else at the first poll of the running worker group
+                    self._submit(super()._send_resource_request)
+
+            def _maybe_send_resource_request(self) -> None:
+                if self._running:
+                    self._submit(super()._maybe_send_resource_request)
+
+            def make_decision_for_running_worker_group(self, *args: Any, **kwargs: Any) -> Any:
+                self._running = True
+                return super().make_decision_for_running_worker_group(*args, **kwargs)
+
+            def _cancel_resource_request(self) -> None:
+                if self._sent:
+                    done = self._submit(super()._cancel_resource_request)
+                    if done is not None:
+                        done.result()
+                self._requests.shutdown(wait=False)
+
+        policy_cls = BackgroundRequests
+    return LocalController, policy_cls
+
+
 def _before_fit() -> None:
     """Start-up work that can overlap the controller's own start.
 
     - On a one-node cluster, no preemption watcher: it is an actor (a process) that polls
       Ray for nodes being drained so that workers on them stop early; with one node there is
       no other node to move to. Set ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` to choose.
-    - The cluster's autoscaling coordinator (a detached actor Ray Train's controller sends its
-      resource request to, and waits for) is created now, so that its process starts
-      alongside the controller's instead of after it. It is created once per cluster.
+    - With the controller in an actor (``RAYLINE_TRAIN_CONTROLLER=actor``): the cluster's
+      autoscaling coordinator (a detached actor Ray Train's controller sends its resource
+      request to, and waits for) is created now, so that its process starts alongside the
+      controller's instead of after it. It is created once per cluster. (In this process, the
+      controller sends the request later and does not wait: _in_process_controller.)
     """
     import ray
 
     single_node = sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
     if single_node and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ:
         os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    if _controller_in_driver() and _in_process_controller() is not None:
+        return
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator,
@@ -554,7 +775,13 @@ def fit_keras(
     Raises:
         RuntimeError: training failed (the error of the failing worker).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
 
     params = params or model_params(ml)
     t = ml.training
@@ -565,8 +792,9 @@ def fit_keras(
     # Each worker's shard, split here: splitting a materialized dataset regroups its blocks,
     # where passing the datasets to Ray Train starts a DatasetManager actor and a
     # SplitCoordinator actor per dataset (a new process each: ~3.5 s for 1 worker).
+    # The workers get the shards' block refs (see _arrays).
     shards = {
-        k: datasets[k].split(n, equal=True) if n > 1 else [datasets[k]]
+        k: [_block_refs(s) for s in (datasets[k].split(n, equal=True) if n > 1 else [datasets[k]])]
         for k in ("train", "validation")
     }
     # The controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s) and
@@ -601,7 +829,10 @@ def fit_keras(
     )
     t0 = time.perf_counter()
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:  # Ray Train raises the run's error itself
+        raise RuntimeError(f"training run {name!r} failed: {e}") from e
     seconds = time.perf_counter() - t0
     if result.error is not None:
         raise RuntimeError(f"training run {name!r} failed: {result.error}") from result.error
