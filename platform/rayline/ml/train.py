@@ -11,6 +11,9 @@ workers sharing a node are bound to their own cores (:func:`_pin_cpus`); one wor
 without a strategy (one replica, same result, no collective overhead). Where the time went, and
 what each of these choices gained, is in ``benchmarks/README.md``.
 
+Ray Train's controller runs in the process calling :func:`fit_keras`, not in an actor of its own
+(:func:`_in_process_controller`): one process fewer to start before the workers are asked for.
+
 Every epoch reports its metrics and a checkpoint (model with optimizer state, preprocessor,
 history). A run restarted with the same name and storage resumes from its last checkpoint; the
 last report is the final model with the best validation weights (early stopping).
@@ -539,7 +542,7 @@ def _ray_train() -> Any:
     local_controller = _in_process_controller()
 
     class Trainer(TensorflowTrainer):  # type: ignore[misc]
-        """Ray Train's ``TensorflowTrainer`` with three changes.
+        """Ray Train's ``TensorflowTrainer`` with four changes.
 
         - Its backend is :class:`KerasBackend`: ``TensorflowTrainer.__init__`` itself imports
           ``ray.train.tensorflow`` for its default config, so it is bypassed (it does nothing
