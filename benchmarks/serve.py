@@ -150,7 +150,13 @@ def forward_throughput(model_dir: Path, seconds: float = 3.0) -> dict[str, float
 
 
 def serve_rayline(
-    registry: Path, port: int, mode: str, max_batch: int, proxy: str, replicas: int
+    registry: Path,
+    port: int,
+    mode: str,
+    max_batch: int,
+    proxy: str,
+    replicas: int,
+    gc_threshold: str = "",
 ) -> None:
     from rayline.serve.env import throughput_env
 
@@ -179,6 +185,8 @@ def serve_rayline(
             "poll_interval_s": 5,
             "mode": mode,
         }
+        # "" keeps ServeArgs' default, "python" Python's own thresholds
+        | ({} if not gc_threshold else {"gc_threshold": _gc_threshold(gc_threshold)})
     )
     quiet = {"logging_config": {"enable_access_log": False, "log_level": "WARNING"}}
     scaled = quiet | {"num_replicas": replicas}
@@ -197,6 +205,10 @@ def serve_rayline(
             import shutil
 
             shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
+
+
+def _gc_threshold(text: str) -> list[int] | None:
+    return None if text == "python" else [int(x) for x in text.split(",")]
 
 
 def serve_plain(model_dir: Path, port: int, call: str) -> None:
@@ -377,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="environment of Rayline's Ray instance (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=0)",
     )
+    p.add_argument(
+        "--rayline-gc-threshold",
+        default="",
+        metavar="G0,G1,G2|python",
+        help="Rayline's gc_threshold (default: ServeArgs' default; python: Python's 700,10,10)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "serve"))
     p.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run one server
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -394,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.max_batch,
                 args.rayline_proxy,
                 args.rayline_replicas,
+                args.rayline_gc_threshold,
             )
         else:
             serve_plain(out / "model", args.port, args.serve)
@@ -426,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         argv_s += ["--max-batch", str(args.max_batch), "--rayline-mode", args.rayline_mode]
         argv_s += ["--rayline-proxy", args.rayline_proxy]
         argv_s += ["--rayline-replicas", str(args.rayline_replicas)]
+        argv_s += ["--rayline-gc-threshold", args.rayline_gc_threshold]
         for kv in args.rayline_env:
             argv_s += ["--rayline-env", kv]
         t0 = time.time()

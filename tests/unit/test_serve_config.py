@@ -117,6 +117,8 @@ def test_serve_args_defaults_and_refs(monkeypatch):
             {"models": [{"name": "m"}], "max_models_per_replica": 65},
             r"max_models_per_replica\n  Input should be less than or equal to 64",
         ),
+        ({"models": [{"name": "m"}], "gc_threshold": [10, 10, 10]}, "generation 0 between 100"),
+        ({"models": [{"name": "m"}], "gc_threshold": [1000, 10]}, "gc_threshold"),
     ],
 )
 def test_serve_args_errors_name_the_key(raw, message):
@@ -177,6 +179,31 @@ def test_app_builder_fused_loads_the_models_in_the_ingress(tmp_path):
     assert env["TF_USE_LEGACY_KERAS"] == "1"
 
 
+def test_every_replica_gets_the_gc_threshold(tmp_path):
+    deps = _built(tmp_path, "fused", gc_threshold=[5000, 20, 30])
+    assert deps["ingress"].init_args[-1] == (5000, 20, 30)
+    deps = _built(tmp_path, "split")
+    assert deps["ingress"].init_args[-1] == (10_000, 100, 100)  # the default
+    assert deps["model-a"].init_args[-1] == (10_000, 100, 100)
+    deps = _built(tmp_path, "multiplexed", gc_threshold=None)
+    assert deps["models"].init_args[-1] is None and deps["ingress"].init_args[-1] is None
+
+
+def test_apply_gc_threshold_sets_and_leaves():
+    import gc
+
+    from rayline.serve.config import apply_gc_threshold
+
+    before = gc.get_threshold()
+    try:
+        apply_gc_threshold((12_345, 7, 8))
+        assert gc.get_threshold() == (12_345, 7, 8)
+        apply_gc_threshold(None)
+        assert gc.get_threshold() == (12_345, 7, 8)
+    finally:
+        gc.set_threshold(*before)
+
+
 def test_serve_args_multiplexed_mode():
     args = ServeArgs.model_validate({"registry": "r", "models": [{"name": "m"}]})
     assert args.mode == "fused" and args.max_models_per_replica == 3
@@ -205,7 +232,7 @@ def test_app_builder_multiplexed_builds_one_shared_deployment(tmp_path, per_repl
     # every model a replica holds may have a batch in flight
     assert shared._deployment_config.max_ongoing_requests >= 32 * per_replica
     assert shared.ray_actor_options["runtime_env"]["env_vars"]["TF_USE_LEGACY_KERAS"] == "1"
-    registry, configs, threads = shared.init_args
+    registry, configs, threads, _gc = shared.init_args
     assert registry == str(ModelRegistry(tmp_path / "reg").uri)
     assert set(configs) == {"a", "b"} and configs["b"]["ref"] == "1"
     assert configs["a"]["max_batch_size"] == 32 and threads == 1

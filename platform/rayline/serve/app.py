@@ -113,7 +113,7 @@ def build_app(
         deployment = serve.deployment(name=m.deployment_name, user_config=cfg, **options)(
             ModelServer
         )
-        models[m.name] = deployment.bind(registry, m.name, cfg, args.threads)
+        models[m.name] = deployment.bind(registry, m.name, cfg, args.threads, args.gc_threshold)
     shared = None
     if args.mode == "multiplexed":
         cls = shared_models_class(args.max_models_per_replica)
@@ -123,7 +123,7 @@ def build_app(
         }
         options = _options(defaults, model_options)
         shared = serve.deployment(name=SHARED_NAME, **options)(cls).bind(
-            registry, configs, args.threads
+            registry, configs, args.threads, args.gc_threshold
         )
     actor: dict[str, Any] = {"num_cpus": 0.25}
     if args.mode == "fused":
@@ -140,6 +140,7 @@ def build_app(
         args.limits.max_body_bytes,
         args.limits.request_timeout_s,
         shared,
+        args.gc_threshold,
     )
 
 

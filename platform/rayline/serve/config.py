@@ -16,8 +16,10 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import os
 import re
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -29,6 +31,7 @@ __all__ = [
     "ModelArgs",
     "ServeArgs",
     "DEFAULT_KEYS_ENV",
+    "apply_gc_threshold",
 ]
 
 DEFAULT_KEYS_ENV = "RAYLINE_SERVE_API_KEYS"
@@ -178,6 +181,26 @@ class ServeArgs(_Args):
         description="TensorFlow threads per model replica (None: TensorFlow's default, one "
         "per core). One thread per replica scales out by replicas without oversubscribing.",
     )
+    gc_threshold: tuple[int, int, int] | None = Field(
+        (10_000, 100, 100),
+        description="Python's garbage-collection thresholds in each replica "
+        "(gc.set_threshold: generations 0, 1, 2; None: Python's default 700, 10, 10). A request "
+        "allocates many short-lived objects that reference counting frees; at Python's default "
+        "a collection ran every few requests and found nothing to free, and the pauses showed "
+        "in the p99 latency under load (docs/serving.md).",
+    )
+
+    @field_validator("gc_threshold")
+    @classmethod
+    def _gc_bounds(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and not (
+            100 <= v[0] <= 1_000_000 and 1 <= v[1] <= 1000 and 1 <= v[2] <= 1000
+        ):
+            raise ValueError(
+                "gc_threshold: generation 0 between 100 and 1000000, generations 1 and 2 "
+                f"between 1 and 1000 (got {list(v)})"
+            )
+        return v
 
     @model_validator(mode="after")
     def _unique(self) -> ServeArgs:
@@ -186,3 +209,13 @@ class ServeArgs(_Args):
         if dupes:
             raise ValueError(f"models: {', '.join(dupes)} listed more than once")
         return self
+
+
+def apply_gc_threshold(threshold: Sequence[int] | None) -> None:
+    """Set this process's garbage-collection thresholds (:attr:`ServeArgs.gc_threshold`).
+
+    Args:
+        threshold: Generations 0, 1 and 2 for :func:`gc.set_threshold`; None leaves them.
+    """
+    if threshold is not None:
+        gc.set_threshold(*threshold)

@@ -35,6 +35,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ..ml.registry import ModelRegistry, RegistryError
 from .auth import ApiKey, KeyRing
+from .config import apply_gc_threshold
 from .metrics import IngressMetrics
 from .model import ModelServer
 from .validation import row_json_schema
@@ -204,6 +205,7 @@ class Ingress:
         request_timeout_s: How long to wait for a model replica.
         shared: The shared model deployment (multiplexed mode), whose replicas load the models
             on demand; the model name is the multiplexed model id.
+        gc_threshold: Garbage-collection thresholds of this replica (None: Python's).
     """
 
     def __init__(
@@ -214,7 +216,9 @@ class Ingress:
         max_body_bytes: int,
         request_timeout_s: float,
         shared: DeploymentHandle | None = None,
+        gc_threshold: tuple[int, int, int] | None = None,
     ) -> None:
+        apply_gc_threshold(gc_threshold)
         self._models: dict[str, _Remote | _Local | _Multiplexed] = {}
         for name, m in models.items():
             if m is None:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from ..ml.registry import ModelRegistry
+from .config import apply_gc_threshold
 from .metrics import ModelMetrics
 from .scoring import LoadedModel, Scored, dumps, load_version
 from .validation import Checked
@@ -59,11 +60,18 @@ class ModelServer:
         name: The model name.
         config: The initial :class:`ModelConfig` (as a dict).
         threads: TensorFlow threads in this replica (None: TensorFlow's default).
+        gc_threshold: Garbage-collection thresholds of this replica (None: Python's).
     """
 
     def __init__(
-        self, registry: str, name: str, config: dict[str, Any], threads: int | None = 1
+        self,
+        registry: str,
+        name: str,
+        config: dict[str, Any],
+        threads: int | None = 1,
+        gc_threshold: tuple[int, int, int] | None = None,
     ) -> None:
+        apply_gc_threshold(gc_threshold)
         self._registry = ModelRegistry(registry)
         self._name = name
         self._metrics = ModelMetrics(name)
@@ -235,11 +243,17 @@ class SharedModels:
         registry: The registry path or URI.
         models: By model name, its initial :class:`ModelConfig` (as a dict): the models served.
         threads: TensorFlow threads in this replica (None: TensorFlow's default).
+        gc_threshold: Garbage-collection thresholds of this replica (None: Python's).
     """
 
     def __init__(
-        self, registry: str, models: dict[str, dict[str, Any]], threads: int | None = 1
+        self,
+        registry: str,
+        models: dict[str, dict[str, Any]],
+        threads: int | None = 1,
+        gc_threshold: tuple[int, int, int] | None = None,
     ) -> None:
+        apply_gc_threshold(gc_threshold)
         self._registry = registry
         self._configs = {name: dict(cfg) for name, cfg in models.items()}
         self._threads = threads
