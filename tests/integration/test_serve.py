@@ -348,9 +348,11 @@ def test_concurrent_requests_share_batches_and_are_measured(api):
         served = _sum(text, "ray_rayline_serve_requests_total", model="delay", status="200")
         batches = _sum(text, "ray_rayline_serve_batch_size_count", model="delay")
         rows = _sum(text, "ray_rayline_serve_rows_total", model="delay")
-        if served >= 256 and batches > 0 and rows >= 256:
+        # Serve's own HTTP metrics too (with the fast path: recorded by the ingress replicas).
+        http = _sum(text, "ray_serve_num_http_requests_total")
+        if served >= 256 and batches > 0 and rows >= 256 and http >= 256:
             break
-        assert time.time() < deadline, (served, batches, rows)
+        assert time.time() < deadline, (served, batches, rows, http)
         time.sleep(2)
     assert batches < served, (batches, served)
     assert _sum(text, "ray_rayline_serve_request_latency_ms_count", model="delay") >= served

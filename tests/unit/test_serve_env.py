@@ -33,3 +33,11 @@ def test_main_prints_exports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "export RAY_SERVE_HAPROXY_NBTHREAD=2" in out
     assert f"export RAY_SERVE_HAPROXY_CONFIG_FILE_LOC={tmp_path / 'haproxy.cfg'}" in out
+
+
+def test_serve_http_metrics_come_from_the_replicas_unless_asked(tmp_path, capsys):
+    assert serve_env.throughput_env(tmp_path, 1, 2)["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
+    on = serve_env.throughput_env(tmp_path, 1, 2, haproxy_metrics=True)
+    assert on["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "1"
+    assert serve_env.main(["--state-dir", str(tmp_path), "--haproxy-metrics"]) == 0
+    assert "export RAY_SERVE_HAPROXY_METRICS_ENABLED=1" in capsys.readouterr().out
