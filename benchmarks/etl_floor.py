@@ -92,57 +92,8 @@ def one_pass(spark: Any, data: Path, out: Path) -> None:
         etl.WEATHER_KEYS,
         "left",
     )
-    df = df.withColumns(
-        {
-            "is_delayed": F.expr("CAST(arr_delay > 15 AS INT)"),
-            "speed_mph": F.col("distance") / (F.col("air_time") / 60.0),
-            "route": F.concat("origin", F.lit("-"), "dest"),
-            "day_of_week": F.dayofweek("sched_dep_local"),
-        }
-    ).fillna({"precip": 0.0})
-
-    def ref(frame: Any, col: str, key: str) -> Any:
-        return F.broadcast(
-            frame.select(F.col(col).alias(key))
-            .where(F.col(key).isNotNull())
-            .distinct()
-            .withColumn(f"{key}_hit", F.lit(True))
-        )
-
-    df = (
-        df.join(ref(airlines, "carrier", "_rc"), F.col("carrier") == F.col("_rc"), "left")
-        .join(ref(airports, "faa", "_ro"), F.col("origin") == F.col("_ro"), "left")
-        .join(ref(airports, "faa", "_rd"), F.col("dest") == F.col("_rd"), "left")
-    )
-
-    def rng(c: str, lo: float | None, hi: float | None, inclusive: bool = True) -> Any:
-        bad = F.lit(False)
-        if lo is not None:
-            bad = bad | ((F.col(c) < lo) if inclusive else (F.col(c) <= lo))
-        if hi is not None:
-            bad = bad | ((F.col(c) > hi) if inclusive else (F.col(c) >= hi))
-        return F.coalesce(bad, F.lit(False))
-
-    keys_ok = F.lit(True)
-    for c in etl.UNIQUE:
-        keys_ok = keys_ok & F.col(c).isNotNull()
-    any_null = F.lit(False)
-    for c in etl.NOT_NULL:
-        any_null = any_null | F.col(c).isNull()
-    flags = {
-        "keys_present": any_null,
-        "unique_flight": keys_ok & (F.col("_dups") > 1),
-        "carrier_known": F.col("carrier").isNotNull() & F.col("_rc_hit").isNull(),
-        "origin_known": F.col("origin").isNotNull() & F.col("_ro_hit").isNull(),
-        "dest_known": F.col("dest").isNotNull() & F.col("_rd_hit").isNull(),
-        "dep_delay_sane": rng("dep_delay", -60, 1200),
-        "arr_delay_sane": rng("arr_delay", -120, 1200),
-        "distance_positive": rng("distance", 0, None, inclusive=False),
-        "month_valid": F.col("month").isNotNull() & ~F.col("month").isin(*range(1, 13)),
-        "tailnum_format": F.col("tailnum").isNotNull()
-        & ~F.col("tailnum").rlike(f"^(?:{etl.TAILNUM_RE})$"),
-        "plausible_speed": ~F.coalesce(F.expr("speed_mph BETWEEN 50 AND 700"), F.lit(True)),
-    }
+    df = etl.spark_derived(df)
+    df, flags = etl.spark_rule_flags(df, airlines, airports)
     quarantined = F.lit(False)
     for n in etl.BLOCKING:
         quarantined = quarantined | flags[n]

@@ -280,6 +280,19 @@ def median(xs: list[float]) -> float:
     return pct(xs, 0.5)
 
 
+def _wait_for_outputs(
+    tail: Tail, n: int, proc: subprocess.Popen, name: str, deadline: float, late: str
+) -> None:
+    """Wait until ``tail`` has read ``n`` outputs; fail if the system exits or ``deadline``
+    (a ``time.perf_counter()`` value) passes first (``late``: what the error then says)."""
+    while len(tail.out) < n:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited during warm-up (rc {proc.returncode})")
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{name}: {late}")
+        time.sleep(0.5)
+
+
 def drive(
     name: str,
     proc: subprocess.Popen,
@@ -306,25 +319,21 @@ def drive(
         offset += replay_frame(
             iter(rows[i * 100 : (i + 1) * 100]), topic, bootstrap, rate=None, key_columns=keys
         )
-        while len(tail.out) < offset:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited during warm-up (rc {proc.returncode})")
-            if time.perf_counter() - t0 > 400:
-                raise RuntimeError(f"{name}: not warm after 400 s")
-            time.sleep(0.5)
+        _wait_for_outputs(tail, offset, proc, name, t0 + 400, "not warm after 400 s")
         log.info("%s: warm-up round %d done at %.0f s", name, i + 1, time.perf_counter() - t0)
     if warmup_s > 0:  # then at the first rate, unmeasured: the JIT-compiled steady state
         n = int(rates[0] * warmup_s)
         offset += replay_frame(
             iter(rows[offset : offset + n]), topic, bootstrap, rate=rates[0], key_columns=keys
         )
-        td = time.perf_counter()
-        while len(tail.out) < offset:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited during warm-up (rc {proc.returncode})")
-            if time.perf_counter() - td > 120:
-                raise RuntimeError(f"{name}: warm-up at {rates[0]} ev/s not done after 120 s")
-            time.sleep(0.5)
+        _wait_for_outputs(
+            tail,
+            offset,
+            proc,
+            name,
+            time.perf_counter() + 120,
+            f"warm-up at {rates[0]} ev/s not done after 120 s",
+        )
         log.info(
             "%s: warm-up at %d ev/s for %.0f s done at %.0f s",
             name,
