@@ -344,6 +344,24 @@ def _legacy_parts(ctx: RunContext, base: str, data_cols: list[str]) -> tuple[Any
     return clean, bad
 
 
+def _kept_and_failing(
+    cfg: QualityStage, ctx: RunContext, base: str, schema: Any, part_cols: list[str]
+) -> tuple[Any, Any]:
+    """From the stage's rows at ``base``: the kept rows (clean and warned; registered for
+    :func:`written_rows`) and the rows that broke a rule, with their reasons and kind. The
+    quarantined ones go to ``ctx.quarantine_parts``."""
+    from pyspark.sql import functions as F
+
+    data_cols = [f.name for f in schema.fields]
+    full = _read_rows(ctx, base, schema, part_cols)
+    clean = full.where(F.col(KIND) != QUARANTINED).select(*map(_col, data_cols))
+    failing = _with_reasons(full.where(F.col(KIND) != CLEAN), cfg, ctx, data_cols)
+    bad = failing.where(F.col(KIND) == QUARANTINED).drop(KIND)
+    ctx.quarantine_parts.append((ctx.stage, _as_quarantine(bad, ctx.stage)))
+    _WRITTEN[clean] = (base, part_cols)
+    return clean, failing
+
+
 def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any]]:
     """Evaluate the rules; return the kept rows (read back from disk) and the report."""
     import uuid
@@ -388,9 +406,7 @@ def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any
     rows.write.partitionBy(KIND, *part_cols).parquet(base)
     report = _summarise(obs.get, cfg, ctx, list(flags))
 
-    full = _read_rows(ctx, base, df.schema, part_cols)
-    clean = full.where(F.col(KIND) != QUARANTINED).select(*map(_col, data_cols))
-    failing = _with_reasons(full.where(F.col(KIND) != CLEAN), cfg, ctx, data_cols)
+    clean, failing = _kept_and_failing(cfg, ctx, base, df.schema, part_cols)
     sampled = [e["rule"] for e in report["rules"] if e["failed"] and e["rule"] in flags]
     if sampled and cfg.sample_size:
         samples = _samples(failing, sampled, cfg.sample_size, data_cols)
@@ -403,8 +419,6 @@ def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any
     report["rows_partition_by"] = [KIND, *part_cols]
     failed = [e for e in report["rules"] if e["verdict"] == "failed"]
     report["verdict"] = "failed" if failed else "passed"
-    bad = failing.where(F.col(KIND) == QUARANTINED).drop(KIND)
-    ctx.quarantine_parts.append((ctx.stage, _as_quarantine(bad, ctx.stage)))
     ctx.progress(
         f"{report['rows']:,} rows checked: {report['clean_rows']:,} clean, "
         f"{report['quarantined_rows']:,} quarantined"
@@ -416,7 +430,6 @@ def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any
             for e in failed
         )
         raise QualityFailed(ctx.stage, f"quality rules failed: {detail}", report)
-    _WRITTEN[clean] = (base, part_cols)
     return clean, report
 
 
@@ -432,7 +445,6 @@ def _as_quarantine(bad: Any, stage: str) -> Any:
 
 def restore(cfg: QualityStage, ctx: RunContext, report: dict[str, Any], schema: Any) -> Any:
     """Reload a previous attempt's kept rows and quarantine part (used by --resume)."""
-    from pyspark.sql import functions as F
 
     base = report["outputs"]["rows"]
     data_cols = [f.name for f in schema.fields]
@@ -441,11 +453,5 @@ def restore(cfg: QualityStage, ctx: RunContext, report: dict[str, Any], schema: 
         clean, bad = _legacy_parts(ctx, base, data_cols)
         ctx.quarantine_parts.append((ctx.stage, _as_quarantine(bad, ctx.stage)))
         return clean
-    part_cols = list(layout[1:])
-    full = _read_rows(ctx, base, schema, part_cols)
-    clean = full.where(F.col(KIND) != QUARANTINED).select(*map(_col, data_cols))
-    failing = _with_reasons(full.where(F.col(KIND) != CLEAN), cfg, ctx, data_cols)
-    bad = failing.where(F.col(KIND) == QUARANTINED).drop(KIND)
-    ctx.quarantine_parts.append((ctx.stage, _as_quarantine(bad, ctx.stage)))
-    _WRITTEN[clean] = (base, part_cols)
+    clean, _ = _kept_and_failing(cfg, ctx, base, schema, list(layout[1:]))
     return clean
