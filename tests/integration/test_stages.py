@@ -419,6 +419,68 @@ def test_resume_after_publish_failure_runs_only_publish(
     assert result.record["stages"][1]["rows_out"] == 6
 
 
+def test_resume_reads_a_quality_stage_written_by_an_older_rayline(
+    spark, write_csv, make_spec, monkeypatch
+):
+    """--resume of a run whose quality stage wrote its rows in the layout before the kinds (one
+    table partitioned by a boolean ``_rayline_q``, every row with its reasons, no
+    ``rows_partition_by`` in the report): the kept rows and the quarantined ones with their
+    reasons come back from it, and nothing is recomputed."""
+    import shutil
+
+    from pyspark.sql import functions as F
+
+    from rayline import runner
+
+    spec = make_spec(people_sources(write_csv), adults_stages(severity="quarantine"))
+    real, real_link = runner.write_table, runner.link_table
+
+    def disk_full(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runner, "write_table", disk_full)
+    monkeypatch.setattr(runner, "link_table", disk_full)
+    with pytest.raises(RunFailed, match="disk full") as e:
+        run_pipeline(spec, spark=spark)
+    run_id = e.value.run_id
+    report_path = Path(spec.run_store, run_id, "reports", "checks.json")
+    report = json.loads(report_path.read_text())
+    base = report["outputs"]["rows"]
+
+    # rewrite the stage's rows as an older Rayline left them
+    rows = spark.read.parquet(base)
+    bad = F.col("_rayline_kind") == "quarantined"
+    legacy = rows.select(
+        "id",
+        "age",
+        bad.alias("_rayline_q"),
+        F.when(bad, F.array(F.lit("adults")))
+        .otherwise(F.array().cast("array<string>"))
+        .alias("_rayline_reasons"),
+    )
+    legacy.write.partitionBy("_rayline_q").parquet(base + ".legacy")
+    shutil.rmtree(base)
+    Path(base + ".legacy").rename(base)
+    del report["rows_partition_by"]
+    report_path.write_text(json.dumps(report))
+
+    monkeypatch.setattr(runner, "write_table", real)
+    monkeypatch.setattr(runner, "link_table", real_link)
+    result = run_pipeline(spec, spark=spark, resume=run_id)
+    assert [s["status"] for s in result.record["stages"]] == ["reused", "reused"]
+    assert result.record["outputs"]["curated"]["rows"] == 5
+    assert sorted(r["id"] for r in read_table(spark, result, "curated").collect()) == [
+        1,
+        3,
+        4,
+        4,
+        6,
+    ]
+    q = read_table(spark, result, "quarantine").collect()
+    assert [(r["id"], r["age"], list(r["_rayline_reasons"])) for r in q] == [(2, 17, ["adults"])]
+    assert result.record["outputs"]["quarantine"]["reasons"] == {"adults": 1}
+
+
 def test_resume_reruns_from_changed_input(spark, write_csv, make_spec):
     sources = people_sources(write_csv)
     stages = [
