@@ -14,15 +14,21 @@ time, each server in its own process:
   keras-predict  the same app calling ``model.predict`` per request (the design Rayline
                  replaces).
 
-At each concurrency (default 1, 16, 64) closed-loop clients (aiohttp, keep-alive) send one-row
-requests for ``--duration`` seconds after a warm-up; the table gives requests/s, p50, p99 and
-errors. The model's in-process forward throughput (tf.function at batch 1 and 64) is measured
-first as the ceiling.
+At each concurrency (default 1, 16, 64) closed-loop clients on keep-alive connections send
+one-row requests for ``--duration`` seconds after a warm-up; the table gives requests/s, p50,
+p99 and errors. The clients (``--client``, a comma list; each system is measured with each):
+``aiohttp`` coroutines in this process (the default), and ``wrk`` (C, one thread, one body;
+needs ``wrk`` on PATH, e.g. ``apt-get install wrk``), which leaves the servers more of the
+cores they share with it: the aiohttp client uses about 40% of a core at 4,000 requests/s. The
+model's in-process forward throughput (tf.function at batch 1 and 64) is measured first as the
+ceiling.
 
 Usage:
     python benchmarks/serve.py                               # all systems, c = 1, 16, 64, 10 s
     python benchmarks/serve.py --systems rayline,tf-function --duration 5
     python benchmarks/serve.py --systems rayline --rayline-mode split --rayline-proxy serve
+    python benchmarks/serve.py --systems rayline,tf-function --rayline-replicas 2 \\
+        --client aiohttp,wrk                                 # both load generators
 
 Results go to ``benchmarks/out/serve/results.json``; server logs to ``benchmarks/out/serve/``.
 The load generator shares the machine's cores with the servers (as a co-located client
@@ -35,6 +41,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -262,10 +269,7 @@ def serve_plain(model_dir: Path, port: int, call: str) -> None:
 async def _load(url: str, concurrency: int, duration: float, warmup: float) -> dict[str, Any]:
     import aiohttp
 
-    rows = [
-        json.dumps({c: float(i + (k % 7) / 7) for i, c in enumerate(FEATURES)}).encode()
-        for k in range(64)
-    ]
+    rows = _bodies()
     latencies: list[float] = []
     errors: dict[str, int] = {}
     t_start = time.perf_counter()
@@ -315,6 +319,66 @@ async def _load(url: str, concurrency: int, duration: float, warmup: float) -> d
         "mean_ms": 1000 * statistics.fmean(latencies) if latencies else float("nan"),
         "errors": errors,
     }
+
+
+# wrk's script: one body (the aiohttp client's first), the summary as one JSON line. A static
+# body, because with a Lua ``request()`` per request (to rotate bodies) about 1% of the plain
+# uvicorn app's answers took 100-200 ms longer (p99 124 ms against 33 ms with the same body).
+_WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = %s
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests": %%d, "duration_us": %%d, "non2xx": %%d, "connect": %%d, '
+    .. '"read": %%d, "write": %%d, "timeout": %%d, "p50_us": %%d, "p99_us": %%d, '
+    .. '"mean_us": %%f}\\n',
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+def _load_wrk(
+    url: str, concurrency: int, duration: float, warmup: float, out: Path
+) -> dict[str, Any]:
+    """One level with wrk (C, one thread, keep-alive): a client that costs the servers far less
+    CPU than aiohttp does. The warm-up is a run of its own, not measured."""
+    wrk = shutil.which("wrk") or "wrk"
+    script = out / "wrk_post.lua"
+    script.write_text(_WRK_LUA % json.dumps(_bodies()[0].decode()))
+
+    def run(seconds: float) -> dict[str, Any]:
+        argv = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency"]
+        argv += ["--timeout", "60s", "-s", str(script), url]
+        res = subprocess.run(argv, capture_output=True, text=True, check=False)
+        line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if res.returncode != 0 or line is None:
+            raise RuntimeError(f"wrk failed (rc {res.returncode}): {res.stderr or res.stdout}")
+        return dict(json.loads(line[len("RESULT ") :]))
+
+    if warmup > 0:
+        run(warmup)
+    r = run(duration)
+    errors = {k: r[k] for k in ("non2xx", "connect", "read", "write", "timeout") if r[k]}
+    ok = r["requests"] - r["non2xx"]
+    return {
+        "concurrency": concurrency,
+        "requests": ok,
+        "rps": ok / (r["duration_us"] / 1e6),
+        "p50_ms": r["p50_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+        "mean_ms": r["mean_us"] / 1000,
+        "errors": errors,
+    }
+
+
+def _bodies() -> list[bytes]:
+    return [
+        json.dumps({c: float(i + (k % 7) / 7) for i, c in enumerate(FEATURES)}).encode()
+        for k in range(64)
+    ]
 
 
 def start_server(argv: list[str], log: Path, timeout: float = 240) -> subprocess.Popen:
@@ -395,6 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="G0,G1,G2|python",
         help="Rayline's gc_threshold (default: ServeArgs' default; python: Python's 700,10,10)",
     )
+    p.add_argument(
+        "--client",
+        default="aiohttp",
+        help="load generator(s), comma list: aiohttp (closed-loop clients in this process, the "
+        "default) and/or wrk (C, one thread, needs wrk on PATH: it takes far less of the cores "
+        "the servers share). Each system is measured with each client in turn",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "serve"))
     p.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run one server
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -422,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         p.error(f"unknown system(s): {', '.join(unknown)}")
+    clients = [c for c in args.client.split(",") if c]
+    if not clients or set(clients) - {"aiohttp", "wrk"}:
+        p.error(f"--client: a comma list of aiohttp, wrk (got {args.client!r})")
+    if "wrk" in clients and shutil.which("wrk") is None:
+        p.error("--client wrk needs wrk on PATH (Debian/Ubuntu: apt-get install wrk)")
     levels = [int(c) for c in args.concurrency.split(",")]
     duration = min(args.duration, 120.0)
     out.mkdir(parents=True, exist_ok=True)
@@ -438,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         flush=True,
     )
-    results: dict[str, Any] = {"forward": ceiling, "systems": {}}
+    results: dict[str, Any] = {"forward": ceiling, "clients": clients, "systems": {}}
     for system in systems:
         port = free_port()
         argv_s = ["--serve", system, "--port", str(port), "--out", str(out)]
@@ -454,25 +530,31 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}/v1/models/bench/predict"
         rows = []
         try:
-            for c in levels:
-                r = asyncio.run(_load(url, c, duration, args.warmup))
-                rows.append(r)
-                print(
-                    f"  c={c:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
-                    f"p99 {r['p99_ms']:8.2f} ms  errors {r['errors'] or 0}",
-                    flush=True,
-                )
+            for client in clients:
+                for c in levels:
+                    if client == "wrk":
+                        r = _load_wrk(url, c, duration, args.warmup, out)
+                    else:
+                        r = asyncio.run(_load(url, c, duration, args.warmup))
+                    r["client"] = client
+                    rows.append(r)
+                    print(
+                        f"  {client:<8} c={c:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
+                        f"p99 {r['p99_ms']:8.2f} ms  errors {r['errors'] or 0}",
+                        flush=True,
+                    )
         finally:
             stop_server(proc)
         results["systems"][system] = rows
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print()
-    print(f"{'system':<15}{'c':>4}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}  errors")
+    print(f"{'system':<15}{'client':<9}{'c':>4}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}  errors")
     for system, rows in results["systems"].items():
         for r in rows:
             print(
-                f"{system:<15}{r['concurrency']:>4}{r['rps']:>10.1f}{r['p50_ms']:>10.2f}"
-                f"{r['p99_ms']:>10.2f}  {sum(r['errors'].values()) if r['errors'] else 0}"
+                f"{system:<15}{r['client']:<9}{r['concurrency']:>4}{r['rps']:>10.1f}"
+                f"{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}  "
+                f"{sum(r['errors'].values()) if r['errors'] else 0}"
             )
     return 0
 
