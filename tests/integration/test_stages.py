@@ -384,18 +384,11 @@ def test_resume_reuses_unchanged_stages(spark, write_csv, make_spec):
         run_pipeline(fixed, spark=spark, resume=run_id)
 
 
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_resume_after_publish_failure_runs_only_publish(
-    spark, write_csv, make_spec, checkpoint, monkeypatch
-):
-    """Without checkpoints (the default) the transform is recomputed lazily on resume and
-    counts as reused; with them, it is read back from its Parquet copy."""
+def fail_at_publish(spec, spark, monkeypatch):
+    """Run ``spec`` with publishing failing (disk full) and return its RunFailed, checked to
+    name the fault; publishing works again afterwards."""
     from rayline import runner
 
-    sources = people_sources(write_csv)
-    spec = make_spec(
-        sources, adults_stages(schema=True, severity="quarantine"), checkpoint_stages=checkpoint
-    )
     real, real_link = runner.write_table, runner.link_table
 
     def disk_full(*a, **k):
@@ -404,15 +397,31 @@ def test_resume_after_publish_failure_runs_only_publish(
     # the curated table (the quality stage's files, linked) and the quarantine table (written)
     monkeypatch.setattr(runner, "write_table", disk_full)
     monkeypatch.setattr(runner, "link_table", disk_full)
-    with pytest.raises(RunFailed, match="disk full") as e:
-        run_pipeline(spec, spark=spark)
-    rec = json.loads(Path(spec.run_store, e.value.run_id, "run.json").read_text())
+    try:
+        with pytest.raises(RunFailed, match="disk full") as e:
+            run_pipeline(spec, spark=spark)
+    finally:
+        monkeypatch.setattr(runner, "write_table", real)
+        monkeypatch.setattr(runner, "link_table", real_link)
+    return e.value
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_resume_after_publish_failure_runs_only_publish(
+    spark, write_csv, make_spec, checkpoint, monkeypatch
+):
+    """Without checkpoints (the default) the transform is recomputed lazily on resume and
+    counts as reused; with them, it is read back from its Parquet copy."""
+    sources = people_sources(write_csv)
+    spec = make_spec(
+        sources, adults_stages(schema=True, severity="quarantine"), checkpoint_stages=checkpoint
+    )
+    failed = fail_at_publish(spec, spark, monkeypatch)
+    rec = json.loads(Path(spec.run_store, failed.run_id, "run.json").read_text())
     assert rec["error"]["stage"] == "publish"
     assert ("data" in rec["stages"][1]["outputs"]) is checkpoint
     assert not Path(spec.warehouse, spec.outputs.curated.table).exists()
-    monkeypatch.setattr(runner, "write_table", real)
-    monkeypatch.setattr(runner, "link_table", real_link)
-    result = run_pipeline(spec, spark=spark, resume=e.value.run_id)
+    result = run_pipeline(spec, spark=spark, resume=failed.run_id)
     assert [s["status"] for s in result.record["stages"]] == ["reused"] * 3
     assert result.record["outputs"]["curated"]["rows"] == 5
     assert result.record["outputs"]["quarantine"]["rows"] == 1
@@ -430,19 +439,8 @@ def test_resume_reads_a_quality_stage_written_by_an_older_rayline(
 
     from pyspark.sql import functions as F
 
-    from rayline import runner
-
     spec = make_spec(people_sources(write_csv), adults_stages(severity="quarantine"))
-    real, real_link = runner.write_table, runner.link_table
-
-    def disk_full(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(runner, "write_table", disk_full)
-    monkeypatch.setattr(runner, "link_table", disk_full)
-    with pytest.raises(RunFailed, match="disk full") as e:
-        run_pipeline(spec, spark=spark)
-    run_id = e.value.run_id
+    run_id = fail_at_publish(spec, spark, monkeypatch).run_id
     report_path = Path(spec.run_store, run_id, "reports", "checks.json")
     report = json.loads(report_path.read_text())
     base = report["outputs"]["rows"]
@@ -464,8 +462,6 @@ def test_resume_reads_a_quality_stage_written_by_an_older_rayline(
     del report["rows_partition_by"]
     report_path.write_text(json.dumps(report))
 
-    monkeypatch.setattr(runner, "write_table", real)
-    monkeypatch.setattr(runner, "link_table", real_link)
     result = run_pipeline(spec, spark=spark, resume=run_id)
     assert [s["status"] for s in result.record["stages"]] == ["reused", "reused"]
     assert result.record["outputs"]["curated"]["rows"] == 5
