@@ -111,15 +111,11 @@ def build_model(out: Path) -> Path:
     history = [{"loss": float(v), "epoch": i + 1} for i, v in enumerate(hist.history["loss"])]
     art = out / "model"
     if art.exists():
-        import shutil
-
         shutil.rmtree(art)
     art.mkdir(parents=True)
     _save(model, pre, history, 1, params, art)
     registry = out / "registry"
     if registry.exists():
-        import shutil
-
         shutil.rmtree(registry)
     reg = ModelRegistry(registry)
     meta = {"framework": "keras", "signature": pre.signature(), "metrics": history[-1]}
@@ -209,8 +205,6 @@ def serve_rayline(
         serve.shutdown()
         ray.shutdown()
         if env:
-            import shutil
-
             shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
 
 

@@ -19,8 +19,9 @@ not in a Serve config:
   (``serve_num_http_requests``, ``serve_http_request_latency_ms``) are recorded by the ingress
   replicas as they answer, instead of HAProxy logging every request to a socket that Serve's
   HAProxyManager parses. Same metrics, less CPU per request: on 2 cores 4-25% more requests/s
-  at 64 concurrent clients in 4 of 4 interleaved A/B pairs (docs/serving.md). What HAProxy answers itself (no route, no replica up)
-  is then not counted; ``haproxy_metrics=True`` (``--haproxy-metrics``) keeps Serve's default.
+  at 64 concurrent clients in 4 of 4 interleaved A/B pairs (docs/serving.md). What HAProxy
+  answers itself (no route, no replica up) is then not counted; ``haproxy_metrics=True``
+  (``--haproxy-metrics``) keeps Serve's default.
 - HAProxy's files (config, admin socket, server state) in a directory of this instance, and its
   stats and metrics ports: the defaults (``/tmp/haproxy-serve``, 8404, 9101) are shared by every
   Ray instance on the machine. HAProxy binds those two ports on all interfaces.

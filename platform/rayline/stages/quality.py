@@ -445,7 +445,6 @@ def _as_quarantine(bad: Any, stage: str) -> Any:
 
 def restore(cfg: QualityStage, ctx: RunContext, report: dict[str, Any], schema: Any) -> Any:
     """Reload a previous attempt's kept rows and quarantine part (used by --resume)."""
-
     base = report["outputs"]["rows"]
     data_cols = [f.name for f in schema.fields]
     layout = report.get("rows_partition_by")
