@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -127,7 +128,8 @@ def _cmd_runs(args: argparse.Namespace) -> int:
             f"{i:<3}{s['name']:<20}{s['type']:<11}{s['status']:<11}{secs:>9}{n(s.get('rows_in')):>14}{n(s.get('rows_out')):>14}"
         )
     for k, o in (rec.get("outputs") or {}).items():
-        print(f"\n{k}: {o['table']} ({o['rows']:,} rows) {o['path']}")
+        version = f" version {o['version']}" if o.get("version") is not None else ""
+        print(f"\n{k}: {o['table']}{version} ({o['rows']:,} rows) {o['path']}")
         for reason, cnt in sorted((o.get("reasons") or {}).items()):
             print(f"    {reason}: {cnt:,}")
     if rec.get("models"):
@@ -146,7 +148,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         print(f"resume with: rayline run {rec.get('spec_path') or 'SPEC'} --resume {rec['run_id']}")
     html = store.run_dir(rec["run_id"]) / "report.html"
     if html.exists():
-        print(f"\nreport: {html.resolve().as_uri()}")
+        print(f"\nreport: {html.as_uri() if isinstance(html, Path) else html}")
     return 0
 
 
@@ -507,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("action", choices=["list", "show"])
     rs.add_argument("run", nargs="?")
     rs.add_argument(
-        "--run-store", help="run store directory (default: $RAYLINE_RUN_STORE or ./runs)"
+        "--run-store",
+        help="run store directory or URI, e.g. s3://bucket/runs (default: $RAYLINE_RUN_STORE "
+        "or ./runs)",
     )
     rs.add_argument("--limit", type=int, default=20)
     rs.add_argument("--json", action="store_true", help="print the raw run record")
@@ -516,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("lineage", help="print the lineage graph of a run")
     lg.add_argument("run")
     lg.add_argument(
-        "--run-store", help="run store directory (default: $RAYLINE_RUN_STORE or ./runs)"
+        "--run-store",
+        help="run store directory or URI, e.g. s3://bucket/runs (default: $RAYLINE_RUN_STORE "
+        "or ./runs)",
     )
     lg.add_argument("--json", action="store_true", help="print the OpenLineage events")
     lg.set_defaults(fn=_cmd_lineage)
@@ -557,10 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from .config import SpecError
     from .runner import RunFailed
+    from .storage import StorageError
 
     try:
         return int(args.fn(args))
-    except SpecError as e:
+    except (SpecError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunFailed as e:

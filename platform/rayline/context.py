@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from . import sources as src
 from .config import PipelineSpec
 from .lineage import LineageLog
 from .runstore import RunStore
+from .storage import Loc, spark_path
 
 __all__ = ["RunContext", "StageError", "QUARANTINE_COLUMNS"]
 
@@ -38,7 +37,7 @@ class RunContext:
     spark: Any
     spec: PipelineSpec
     run_id: str
-    run_dir: Path
+    run_dir: Loc
     store: RunStore
     started_at: datetime
     code_version: str
@@ -133,19 +132,17 @@ class RunContext:
 
     # -- persistence ------------------------------------------------------------------------
 
-    def stage_dir(self, stage: str | None = None) -> Path:
+    def stage_dir(self, stage: str | None = None) -> Loc:
         return self.run_dir / "stages" / (stage or self.stage)
 
     def checkpoint(self, df: Any, name: str, partition_by: list[str] | None = None) -> Any:
         """Write ``df`` as Parquet under the stage's directory and return it read back."""
-        path = self.stage_dir() / name
-        if path.exists():
-            shutil.rmtree(path)
-        w = df.write.mode("overwrite")
+        path = spark_path(self.stage_dir() / name)
+        w = df.write.mode("overwrite")  # replaces what an earlier attempt left
         if partition_by:
             w = w.partitionBy(*partition_by)
-        w.parquet(str(path))
-        return self.spark.read.parquet(str(path))
+        w.parquet(path)
+        return self.spark.read.parquet(path)
 
     def progress(self, message: str) -> None:
         log.info("[%s] %s", self.stage or self.spec.name, message)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from pathlib import Path
 from typing import Any
 
 from .runstore import now_iso
+from .storage import Loc, append_text
 
 __all__ = ["LineageLog", "dataset", "read_events", "format_graph"]
 
@@ -66,7 +66,7 @@ def dataset(
 class LineageLog:
     """Appends the lineage events of one run to ``<run_dir>/lineage/events.jsonl``."""
 
-    def __init__(self, run_dir: Path, pipeline: str, run_id: str, code_version: str) -> None:
+    def __init__(self, run_dir: Loc, pipeline: str, run_id: str, code_version: str) -> None:
         self.path = run_dir / "lineage" / "events.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.pipeline = pipeline
@@ -124,12 +124,12 @@ class LineageLog:
             "inputs": inputs or [],
             "outputs": outputs or [],
         }
-        with self._lock, self.path.open("a") as f:
-            f.write(json.dumps(event, default=str) + "\n")
+        with self._lock:
+            append_text(self.path, json.dumps(event, default=str) + "\n")
         return event
 
 
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
+def read_events(run_dir: Loc) -> list[dict[str, Any]]:
     path = run_dir / "lineage" / "events.jsonl"
     if not path.is_file():
         return []

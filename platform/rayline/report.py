@@ -6,11 +6,11 @@ from __future__ import annotations
 import base64
 import html
 import json
-from pathlib import Path
 from typing import Any
 
 from .lineage import format_graph, read_events
 from .runstore import RunStore, atomic_write_text
+from .storage import Loc, location
 
 __all__ = ["write_html_report"]
 
@@ -62,7 +62,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _img(path: str) -> str:
-    p = Path(path)
+    p = location(path)
     if not p.is_file():
         return ""
     data = base64.b64encode(p.read_bytes()).decode()
@@ -216,7 +216,7 @@ def _ml_section(rep: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def write_html_report(store: RunStore, run_id: str) -> Path:
+def write_html_report(store: RunStore, run_id: str) -> Loc:
     """Render ``<run_dir>/report.html`` from the run record and the stage reports."""
     rec = store.read_record(run_id)
     run_dir = store.run_dir(run_id)

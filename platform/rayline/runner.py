@@ -35,8 +35,10 @@ from .config import (
 from .context import QUARANTINE_COLUMNS, REASONS, RunContext, StageError
 from .lineage import LineageLog, dataset
 from .outputs import link_table, write_table
+from .preflight import check_locations
 from .runstore import RunStore, now_iso
 from .stages import analytics, quality, schema, transform
+from .storage import Loc, spark_path
 
 __all__ = ["RunResult", "RunFailed", "run_pipeline", "code_version"]
 
@@ -63,7 +65,7 @@ class RunFailed(RuntimeError):
 class RunResult:
     run_id: str
     status: str
-    run_dir: Path
+    run_dir: Loc
     record: dict[str, Any]
 
 
@@ -197,7 +199,7 @@ def _restore(
         return df
     if isinstance(st, TransformStage):
         if "data" in (prev_stage.get("outputs") or {}):
-            return ctx.spark.read.parquet(prev_stage["outputs"]["data"])
+            return ctx.spark.read.parquet(spark_path(prev_stage["outputs"]["data"]))
         # Not checkpointed: the same steps on the same inputs (the fingerprint says so), lazily;
         # nothing runs unless a later stage that cannot be reused reads it.
         return transform.run(df, st, ctx)[0]
@@ -542,6 +544,7 @@ def run_pipeline(
     """
     if train and spec.ml is None:
         raise SpecError(f"{spec_path or spec.name}: --train needs an 'ml' section in the spec")
+    check_locations(spec, registry=train)  # before any engine starts: seconds, not minutes
     store = RunStore(spec.run_store)
     stages = [(s.name, s.type) for s in spec.stages] + ([("train", "ml")] if train else [])
     run = _Run(spec, store, spec_path, resume, stages)

@@ -12,7 +12,11 @@ Layout::
       <run_id>/report.html
       _schemas/<pipeline>/<source>/v<N>.json
 
-Files are written to a temporary name and renamed, so a reader never sees half a record.
+The root is a local directory or an object-store URI (``s3://bucket/runs``; see
+:mod:`rayline.storage`). Local files are written to a temporary name and renamed; an object is
+written by one PUT: either way a reader never sees half a record. A new schema version is
+claimed exclusively on local disk (a hard link); on an object store two runs accepting a
+schema at the same instant may both write the same version number (last writer wins).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .storage import Loc, ObjectPath, location
+
 __all__ = ["RunStore", "atomic_write_text", "now_iso"]
 
 
@@ -32,8 +38,11 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Loc, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old or the new file, never a part."""
+    if isinstance(path, ObjectPath):
+        path.write_text(text)  # one PUT
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -52,10 +61,10 @@ def _dumps(obj: Any) -> str:
 
 
 class RunStore:
-    """Run directories and schema versions under one root directory."""
+    """Run directories and schema versions under one root (a directory or a URI)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).resolve()
+    def __init__(self, root: str | os.PathLike[str] | ObjectPath) -> None:
+        self.root: Loc = location(root)
 
     # -- runs ------------------------------------------------------------------------------
 
@@ -63,7 +72,7 @@ class RunStore:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         return f"{pipeline}-{stamp}-{secrets.token_hex(2)}"
 
-    def run_dir(self, run_id: str) -> Path:
+    def run_dir(self, run_id: str) -> Loc:
         if "/" in run_id or run_id.startswith("."):
             raise ValueError(f"invalid run id {run_id!r}")
         return self.root / run_id
@@ -78,7 +87,7 @@ class RunStore:
             raise FileNotFoundError(f"no run {run_id!r} in {self.root} (most recent: {known})")
         return json.loads(path.read_text())
 
-    def write_report(self, run_id: str, stage: str, report: dict[str, Any]) -> Path:
+    def write_report(self, run_id: str, stage: str, report: dict[str, Any]) -> Loc:
         path = self.run_dir(run_id) / "reports" / f"{stage}.json"
         atomic_write_text(path, _dumps(report))
         return path
@@ -92,7 +101,12 @@ class RunStore:
         if not self.root.is_dir():
             return []
         runs = []
-        for p in self.root.glob("*/run.json"):
+        records = (
+            self.root.glob("*/run.json")
+            if isinstance(self.root, Path)
+            else (d / "run.json" for d in self.root.iterdir())  # not a listing of every object
+        )
+        for p in records:
             try:
                 runs.append(json.loads(p.read_text()))
             except (OSError, json.JSONDecodeError):
@@ -102,7 +116,7 @@ class RunStore:
 
     # -- schema versions --------------------------------------------------------------------
 
-    def _schema_dir(self, pipeline: str, source: str) -> Path:
+    def _schema_dir(self, pipeline: str, source: str) -> Loc:
         return self.root / "_schemas" / pipeline / source
 
     def latest_schema(self, pipeline: str, source: str) -> tuple[int, dict[str, Any]] | None:
@@ -131,8 +145,14 @@ class RunStore:
             "columns": columns,
         }
         d = self._schema_dir(pipeline, source)
-        d.mkdir(parents=True, exist_ok=True)
         path = d / f"v{version}.json"
+        if isinstance(path, ObjectPath):  # no exclusive create on an object store
+            if path.exists():
+                return self.accept_schema(pipeline, source, columns, run_id, note)
+            path.write_text(_dumps(doc))
+            return version
+        assert isinstance(d, Path)
+        d.mkdir(parents=True, exist_ok=True)
         # Write a complete temp file, then hard-link it to the version's name: link() fails if
         # the name exists, so two runs accepting at once get distinct versions, and a reader
         # never sees a half-written file.

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SourceSpec
+from .storage import ObjectPath, StorageError, check_location, location, spark_path
 
 __all__ = [
     "CORRUPT",
@@ -18,6 +19,7 @@ __all__ = [
     "fingerprint",
     "infer_schema",
     "read_source",
+    "source_bytes",
 ]
 
 # Column holding the raw text of a line that did not parse against the accepted schema.
@@ -29,8 +31,14 @@ class SourceError(RuntimeError):
 
 
 def resolve_paths(name: str, spec: SourceSpec) -> list[str]:
-    """Absolute paths of the files (or Parquet directories) a source covers."""
-    pattern = os.path.expanduser(spec.path)
+    """Absolute paths (or ``s3://`` URIs) of the files or directories a source covers.
+
+    Raises:
+        SourceError: nothing matches, or the location cannot be reached (names what to check).
+    """
+    if "://" in spec.path and not spec.path.startswith("file://"):
+        return _resolve_remote(name, spec)
+    pattern = os.path.expanduser(spec.path.removeprefix("file://"))
     if glob.has_magic(pattern):
         paths = sorted(glob.glob(pattern))
     else:
@@ -40,17 +48,68 @@ def resolve_paths(name: str, spec: SourceSpec) -> list[str]:
     return [str(Path(p).resolve()) for p in paths]
 
 
+def _resolve_remote(name: str, spec: SourceSpec) -> list[str]:
+    import pyarrow.fs as pafs
+
+    head, magic, _ = spec.path.partition("*") if "*" in spec.path else (spec.path, "", "")
+    try:
+        if not glob.has_magic(spec.path):
+            loc = check_location(spec.path, f"source {name!r}", must_exist=True)
+            return [str(loc)]
+        # A glob: list below its fixed part and match the rest.
+        base = location(head.rsplit("/", 1)[0])
+        assert isinstance(base, ObjectPath)
+        check_location(str(base), f"source {name!r}")
+        full = location(spec.path)
+        assert isinstance(full, ObjectPath)
+        rel = full.key[len(base.key) :].lstrip("/")
+        found = sorted(str(p) for p in base.glob(rel))
+    except StorageError as e:
+        raise SourceError(str(e)) from None
+    except (OSError, pafs.ArrowException) as e:  # type: ignore[attr-defined]
+        raise SourceError(f"source {name!r}: cannot list {spec.path!r}: {e}") from None
+    if not found:
+        raise SourceError(f"source {name!r}: no object matches {spec.path!r}")
+    return found
+
+
+def _files(p: str) -> list[tuple[str, int, int]]:
+    """The data files under a path or URI (a file, or a directory's files): name, size, mtime."""
+    loc = location(p)
+    if isinstance(loc, ObjectPath):
+        import pyarrow.fs as pafs
+
+        info = loc.fs.get_file_info(loc.fs_path)
+        if info.type == pafs.FileType.File:
+            return [(str(loc), int(info.size or 0), int(info.mtime_ns or 0))]
+        return sorted(
+            (f"{loc.scheme}://{i.path}", int(i.size or 0), int(i.mtime_ns or 0))
+            for i in loc._walk(recursive=True)
+            if i.type == pafs.FileType.File
+        )
+    if loc.is_dir():
+        out = []
+        for f in sorted(loc.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                out.append((str(f), st.st_size, st.st_mtime_ns))
+        return out
+    st = loc.stat()
+    return [(str(loc), st.st_size, st.st_mtime_ns)]
+
+
 def fingerprint(paths: list[str]) -> str:
     """A cheap content fingerprint: each file's path, size and modification time."""
     h = hashlib.sha256()
     for p in paths:
-        files = (
-            sorted(str(f) for f in Path(p).rglob("*") if f.is_file()) if os.path.isdir(p) else [p]
-        )
-        for f in files:
-            st = os.stat(f)
-            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for f, size, mtime in _files(p):
+            h.update(f"{f}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()[:16]
+
+
+def source_bytes(paths: list[str]) -> int:
+    """The bytes of a source's files (paths or URIs)."""
+    return sum(size for p in paths for _, size, _ in _files(p))
 
 
 def _reader(spark: Any, spec: SourceSpec) -> Any:
@@ -68,14 +127,7 @@ def _head_lines(paths: list[str], rows: int, header: bool) -> list[str] | None:
     not plain text this can sample (compressed, or directories of many parts)."""
     files: list[str] = []
     for p in paths:
-        if os.path.isdir(p):
-            files += sorted(
-                str(f)
-                for f in Path(p).rglob("*")
-                if f.is_file() and not f.name.startswith(("_", "."))
-            )
-        else:
-            files.append(p)
+        files += [f for f, _, _ in _files(p) if not f.rsplit("/", 1)[-1].startswith(("_", "."))]
     files = files[:8]
     if not files or any(
         f.endswith((".gz", ".bz2", ".zip", ".xz", ".zst", ".snappy")) for f in files
@@ -83,7 +135,7 @@ def _head_lines(paths: list[str], rows: int, header: bool) -> list[str] | None:
         return None
     out: list[str] = []
     for i, f in enumerate(files):
-        with open(f, encoding="utf-8", errors="replace", newline="") as fh:
+        with _open_text(f) as fh:
             for n, line in enumerate(fh):
                 if n > rows:
                     break
@@ -91,6 +143,17 @@ def _head_lines(paths: list[str], rows: int, header: bool) -> list[str] | None:
                     continue
                 out.append(line.rstrip("\r\n"))
     return out
+
+
+def _open_text(path: str) -> Any:
+    import io
+
+    loc = location(path)
+    if isinstance(loc, ObjectPath):
+        return io.TextIOWrapper(
+            io.BufferedReader(loc.open_input()), encoding="utf-8", errors="replace", newline=""
+        )
+    return open(loc, encoding="utf-8", errors="replace", newline="")
 
 
 def infer_schema(spark: Any, name: str, spec: SourceSpec, paths: list[str]) -> Any:
@@ -111,7 +174,7 @@ def infer_schema(spark: Any, name: str, spec: SourceSpec, paths: list[str]) -> A
             rdd = spark.sparkContext.parallelize(lines, 1)
             schema = (r.csv(rdd) if spec.format == "csv" else r.json(rdd)).schema
         else:
-            schema = r.load(paths).schema
+            schema = r.load([spark_path(p) for p in paths]).schema
     except AnalysisException as e:
         raise SourceError(f"source {name!r}: cannot read {spec.path!r}: {e}") from None
     if not schema.fields:
@@ -135,8 +198,8 @@ def read_source(spark: Any, name: str, spec: SourceSpec, paths: list[str], schem
         if spec.format == "csv":
             # Check the header's names against the schema instead of applying it by position.
             r = r.option("enforceSchema", "false")
-        return r.load(paths)
-    df = r.load(paths)
+        return r.load([spark_path(p) for p in paths])
+    df = r.load([spark_path(p) for p in paths])
     # Parquet carries its own types; cast to the accepted ones (widening only, checked before).
     from pyspark.sql import functions as F
 

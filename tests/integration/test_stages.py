@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from rayline.runner import RunFailed, run_pipeline
+from rayline.storage import StorageError
 
 pytestmark = pytest.mark.integration
 
@@ -263,7 +264,8 @@ def test_missing_source_names_the_source(spark, make_spec, tmp_path):
         {"gone": {"path": str(tmp_path / "nope" / "*.csv"), "format": "csv"}},
         [{"name": "schema", "type": "schema"}],
     )
-    with pytest.raises(RunFailed, match=r"source 'gone': no file matches"):
+    # Found before any stage runs (tests/unit/test_preflight.py: before Ray starts).
+    with pytest.raises(StorageError, match=r"sources.gone: source 'gone': no file matches"):
         run_pipeline(spec, spark=spark)
 
 

@@ -13,12 +13,14 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import metrics as rl_metrics
+from ..storage import Loc, write_figure
 from .evaluate import evaluate
 from .features import Preprocessor, check_columns, fit_preprocessor
 from .gate import decide
@@ -37,7 +39,7 @@ class MLRunInfo:
     """Where the training data came from and where to write."""
 
     run_id: str
-    run_dir: Path
+    run_dir: Loc
     pipeline: str
     code_version: str
     table: str | None = None
@@ -88,7 +90,7 @@ def _charts(
         ax.legend()
         fig.tight_layout()
         f = out_dir / f"{prefix}learning_curve.png"
-        fig.savefig(f, dpi=90)
+        write_figure(fig, f, dpi=90)
         plt.close(fig)
         files.append(f.name)
     if task == "regression" and report.get("sample"):
@@ -103,7 +105,7 @@ def _charts(
         ax.set_title(f"Predicted vs actual ({len(pts)} test rows)")
         fig.tight_layout()
         f = out_dir / f"{prefix}predicted_vs_actual.png"
-        fig.savefig(f, dpi=90)
+        write_figure(fig, f, dpi=90)
         plt.close(fig)
         files.append(f.name)
     cm = report["metrics"].get("confusion_matrix")
@@ -121,7 +123,7 @@ def _charts(
         ax.set_title("Confusion matrix (test)")
         fig.tight_layout()
         f = out_dir / f"{prefix}confusion_matrix.png"
-        fig.savefig(f, dpi=90)
+        write_figure(fig, f, dpi=90)
         plt.close(fig)
         files.append(f.name)
     return files
@@ -181,7 +183,15 @@ def run_ml(
         pre.train_rows,
         pre.dense_width + len(pre.embedded),
     )
-    storage = Path(ml.training.storage_path or info.run_dir / "train")
+    # Ray Train and Tune keep runs and checkpoints here: a directory, or a URI (s3://...) that
+    # every node reaches. Files only this process reads (the Spark model's export, charts
+    # before upload) go to a local scratch directory when the run directory is remote.
+    storage = str(ml.training.storage_path or info.run_dir / "train")
+    scratch = (
+        Path(info.run_dir)
+        if isinstance(info.run_dir, Path)
+        else Path(tempfile.mkdtemp(prefix=f"rayline-{info.run_id}-"))
+    )
     report: dict[str, Any] = {
         "model_name": ml.model_name,
         "task": ml.task,
@@ -207,15 +217,14 @@ def run_ml(
         else:
             from .spark_model import train_spark_gbt
 
-            gbt_dir = Path(info.run_dir) / "train" / "spark_gbt"
+            gbt_dir = scratch / "train" / "spark_gbt"
             if gbt_dir.exists():
                 shutil.rmtree(gbt_dir)
             candidates.append(("spark_gbt", train_spark_gbt(spark_df, pre, ml, gbt_dir), None))
 
     metric = ml.gate_metric()
     hib = ml.higher_is_better()
-    charts_dir = Path(info.run_dir) / "charts"
-    charts_dir.mkdir(parents=True, exist_ok=True)
+    charts_dir = info.run_dir / "charts"
     evaluated = []
     for framework, model_dir, outcome in candidates:
         t0 = time.perf_counter()
@@ -223,9 +232,9 @@ def run_ml(
             model_dir, splits["test"], ml.evaluation.slices, ml.evaluation.max_slice_values
         )
         history = outcome.history if outcome else []
-        charts = _charts(res, history, ml.task, charts_dir, f"ml_{framework}_")
-        for c in charts:
-            shutil.copy(charts_dir / c, Path(model_dir) / c)
+        charts = _charts(res, history, ml.task, Path(model_dir), f"ml_{framework}_")
+        for c in charts:  # into the model's files, and the run's charts
+            (charts_dir / c).write_bytes((Path(model_dir) / c).read_bytes())
         (Path(model_dir) / "evaluation.json").write_text(json.dumps(res, default=str))
         log.info(
             "evaluated %s: %s = %.4f (baseline %.4f) in %.1fs",

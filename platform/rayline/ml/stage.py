@@ -19,6 +19,7 @@ from typing import Any
 from ..config import PipelineSpec, QualityStage, SpecError
 from ..lineage import LineageLog, dataset
 from ..outputs import table_path
+from ..preflight import check_locations
 from ..runstore import RunStore, now_iso
 from .pipeline import MLRunInfo, run_ml, table_fingerprint
 
@@ -147,7 +148,7 @@ def train_after_publish(run: Any, ctx: Any, df: Any) -> None:
         ds = spark_to_ray(df)
         info = MLRunInfo(
             run_id=run.run_id,
-            run_dir=Path(run.run_dir),
+            run_dir=run.run_dir,
             pipeline=spec.name,
             code_version=run.record["code_version"],
             table=cur["table"],
@@ -188,6 +189,7 @@ def train_from_table(
 
     if spec.ml is None:
         raise SpecError(f"{spec_path or spec.name}: no 'ml' section in the spec")
+    check_locations(spec, sources=False, registry=True)
     ml = spec.ml
     table = ml.input_table or spec.outputs.curated.table
     path = table_path(spec.warehouse, table)
@@ -206,7 +208,7 @@ def train_from_table(
         with ray_session(spec.session), _recorded(run, lineage, inputs, ml.model_dump()) as holder:
             info = MLRunInfo(
                 run_id=run.run_id,
-                run_dir=Path(run.run_dir),
+                run_dir=run.run_dir,
                 pipeline=spec.name,
                 code_version=run.record["code_version"],
                 table=table,

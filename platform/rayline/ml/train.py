@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..storage import location
 from .features import Preprocessor
 from .keras_model import MODEL_FILE, build_model, compile_model, use_tf_keras
 from .models import write_model_info
@@ -789,7 +790,7 @@ def fit_keras(
     params = params or model_params(ml)
     t = ml.training
     threads = t.threads_per_worker or max(1, int(t.cpus_per_worker))
-    storage = Path(storage_path).resolve()
+    storage = location(storage_path)  # a directory, or a URI every node reaches
     storage.mkdir(parents=True, exist_ok=True)
     n = t.num_workers
     # Each worker's shard, split here: splitting a materialized dataset regroups its blocks,

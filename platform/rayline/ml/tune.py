@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..storage import Loc, append_text, location
 from .features import Preprocessor
 from .spec import MLSpec, TuningSpec
 from .train import HISTORY_FILE, TrainOutcome, fit_keras, model_params
@@ -143,7 +144,7 @@ def tune_keras(
     spec = ml.tuning
     if spec is None:
         raise ValueError("ml.tuning is not set: nothing to tune")
-    storage = Path(storage_path).resolve()
+    storage = location(storage_path)
     storage.mkdir(parents=True, exist_ok=True)
     tuner = _tuner(datasets, pre, ml, spec, storage, name)
     log.info(
@@ -211,7 +212,7 @@ def _tuner(
     pre: Preprocessor,
     ml: MLSpec,
     spec: TuningSpec,
-    storage: Path,
+    storage: Loc,
     name: str,
 ) -> Any:
     from ray import tune
@@ -288,7 +289,7 @@ def _trial(
         storage_path,
         run,
         params=model_params(ml, config),
-        callbacks=[TuneReportCallback(), _pg_recorder(Path(storage_path) / run / _PG_FILE)],
+        callbacks=[TuneReportCallback(), _pg_recorder(location(storage_path) / run / _PG_FILE)],
     )
     # Tune reads the checkpoint from storage; the local copy fit_keras made is not needed.
     shutil.rmtree(outcome.checkpoint_dir, ignore_errors=True)
@@ -306,7 +307,7 @@ _SWEEP_EVERY = 2.0  # seconds between sweeps while Tune runs
 _SWEEP_FOR = 60.0  # seconds a trial's placement groups are watched after it ended
 
 
-def _pg_recorder(path: Path) -> Any:
+def _pg_recorder(path: Loc) -> Any:
     """A Ray Train controller callback appending each worker group's placement group id to
     ``path``."""
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
@@ -315,14 +316,12 @@ def _pg_recorder(path: Path) -> Any:
         def after_worker_group_start(self, worker_group: Any) -> None:
             state = worker_group.get_worker_group_state()
             pg = state.placement_group_handle.placement_group
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                f.write(pg.id.hex() + "\n")
+            append_text(path, pg.id.hex() + "\n")
 
     return RecordPlacementGroup()
 
 
-def _remove_placement_groups(path: Path) -> int:
+def _remove_placement_groups(path: Loc) -> int:
     """Remove the recorded placement groups that are still there; returns how many."""
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import (
@@ -345,7 +344,7 @@ def _remove_placement_groups(path: Path) -> int:
     return removed
 
 
-def _tune_callback(name: str, storage: Path) -> Any:
+def _tune_callback(name: str, storage: Loc) -> Any:
     from ray import tune
 
     class Callback(tune.Callback):  # type: ignore[misc]

@@ -13,11 +13,11 @@ Three passes over the data (nothing but their small results reaches the driver):
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from ..config import AnalyticsStage
 from ..context import RunContext, StageError
+from ..storage import Loc, write_figure
 
 __all__ = ["run", "render_charts"]
 
@@ -451,7 +451,7 @@ def _moments_of_batches(params: dict[str, Any]) -> Any:
     return sums
 
 
-def render_charts(report: dict[str, Any], out_dir: Path, prefix: str) -> dict[str, str]:
+def render_charts(report: dict[str, Any], out_dir: Loc, prefix: str) -> dict[str, str]:
     """Histogram grid and correlation heatmap as PNG files; returns their paths."""
     import matplotlib
 
@@ -481,7 +481,7 @@ def render_charts(report: dict[str, Any], out_dir: Path, prefix: str) -> dict[st
             ax.axis("off")
         fig.tight_layout()
         p = out_dir / f"{prefix}_histograms.png"
-        fig.savefig(p, dpi=80)
+        write_figure(fig, p, dpi=80)
         plt.close(fig)
         charts["histograms"] = str(p)
     corr = report.get("correlation")
@@ -498,7 +498,7 @@ def render_charts(report: dict[str, Any], out_dir: Path, prefix: str) -> dict[st
         ax.set_title("Pearson correlation", fontsize=9)
         fig.tight_layout()
         p = out_dir / f"{prefix}_correlation.png"
-        fig.savefig(p, dpi=80)
+        write_figure(fig, p, dpi=80)
         plt.close(fig)
         charts["correlation"] = str(p)
     return charts

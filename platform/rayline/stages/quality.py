@@ -15,11 +15,8 @@ other rows with the same key, all of which broke the rule too and are among them
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import weakref
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from ..config import (
@@ -36,6 +33,8 @@ from ..config import (
     UniqueRule,
 )
 from ..context import REASONS, RunContext, StageError
+from ..sources import source_bytes
+from ..storage import location, remove_tree, spark_path
 
 __all__ = ["run", "restore", "written_rows", "QualityFailed"]
 
@@ -60,8 +59,8 @@ def written_rows(df: Any) -> tuple[list[str], list[str]] | None:
     if info is None:
         return None
     base, part_cols = info
-    dirs = [os.path.join(base, f"{KIND}={k}") for k in (CLEAN, WARNED)]
-    return [d for d in dirs if os.path.isdir(d)], part_cols
+    dirs = [f"{base}/{KIND}={k}" for k in (CLEAN, WARNED)]
+    return [d for d in dirs if location(d).is_dir()], part_cols
 
 
 class QualityFailed(StageError):
@@ -84,16 +83,6 @@ def _need(df: Any, cols: list[str], rule: str) -> None:
         raise ValueError(
             f"rule {rule!r}: unknown column(s) {missing}; available: {sorted(df.columns)}"
         )
-
-
-def _source_bytes(ctx: RunContext, name: str) -> int:
-    total = 0
-    for p in ctx.paths(name):
-        if os.path.isdir(p):
-            total += sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
-        else:
-            total += os.path.getsize(p)
-    return total
 
 
 def _row_flags(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any]]:
@@ -149,7 +138,7 @@ def _row_flags(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[s
             ref = ctx.keys_of(rule.source, ref_col).select(
                 F.col("k").alias(key), F.lit(True).alias(f"{key}_hit")
             )
-            if _source_bytes(ctx, rule.source) <= BROADCAST_LIMIT_BYTES:
+            if source_bytes(ctx.paths(rule.source)) <= BROADCAST_LIMIT_BYTES:
                 ref = F.broadcast(ref)
             df = df.join(ref, _col(rule.column) == F.col(key), "left")
             flags[rule.name] = _col(rule.column).isNotNull() & F.col(f"{key}_hit").isNull()
@@ -307,7 +296,7 @@ def _read_rows(ctx: RunContext, base: str, schema: Any, part_cols: list[str]) ->
 
     fields = [f for f in schema.fields if f.name not in part_cols]
     parts = [StructField(KIND, StringType())] + [schema[c] for c in part_cols]
-    if not any(n.startswith(f"{KIND}=") for n in os.listdir(base)):  # no rows: no partition
+    if not any(p.name.startswith(f"{KIND}=") for p in location(base).iterdir()):  # no rows
         return ctx.spark.createDataFrame([], StructType(fields + parts))
     return ctx.spark.read.schema(StructType(fields + parts)).parquet(base)
 
@@ -399,10 +388,9 @@ def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any
         *map(_col, data_cols), kind.otherwise(F.lit(CLEAN)).alias(KIND)
     )
 
-    base = str(ctx.stage_dir() / "rows")
+    base = spark_path(ctx.stage_dir() / "rows")
     ctx.progress(f"evaluating {len(cfg.rules)} rule(s) in one pass")
-    if os.path.exists(base):  # a resumed attempt: never mix in the last attempt's partitions
-        shutil.rmtree(base)
+    remove_tree(location(base))  # a resumed attempt: never mix in the last attempt's parts
     rows.write.partitionBy(KIND, *part_cols).parquet(base)
     report = _summarise(obs.get, cfg, ctx, list(flags))
 

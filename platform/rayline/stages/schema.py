@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import SchemaStage, normalize_type
 from ..context import RunContext, StageError
-from ..sources import CORRUPT, infer_schema
+from ..sources import CORRUPT, infer_schema, source_bytes
 
 __all__ = ["run", "diff_columns", "TYPE_RANK"]
 
@@ -269,10 +269,8 @@ def run(df: Any, cfg: SchemaStage, ctx: RunContext) -> tuple[Any, dict[str, Any]
     """Check the schema of each source; the pipeline's DataFrame passes through unchanged."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .transform import _source_bytes
-
     names = cfg.sources or list(ctx.spec.sources)
-    size = {name: _source_bytes(ctx.paths(name)) for name in names}
+    size = {name: source_bytes(ctx.paths(name)) for name in names}
     largest = max(names, key=lambda n: size[n])
     # The smaller sources are checked at once, then the largest: a small source's Spark jobs
     # (inference, the counting pass) are mostly driver-side scheduling, which then overlaps the

@@ -6,8 +6,6 @@ the step and the column, not a Spark stack trace.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from ..config import (
@@ -26,6 +24,7 @@ from ..config import (
     UniqueRule,
 )
 from ..context import RunContext, StageError
+from ..sources import source_bytes
 
 __all__ = ["run", "apply_steps", "cluster_hint"]
 
@@ -192,16 +191,6 @@ def apply_steps(
     return df
 
 
-def _source_bytes(paths: list[str]) -> int:
-    total = 0
-    for p in paths:
-        if os.path.isdir(p):
-            total += sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
-        else:
-            total += os.path.getsize(p)
-    return total
-
-
 def cluster_hint(cfg: TransformStage, ctx: RunContext) -> list[str] | None:
     """The columns of the first unique rule of the quality stage right after this transform
     stage, when a dedupe step's keys include them all: deduplicating by a shuffle on those
@@ -225,7 +214,7 @@ def run(df: Any, cfg: TransformStage, ctx: RunContext) -> tuple[Any, dict[str, A
     if start is None:
         raise StageError(ctx.stage, "no input: name an input source")
     try:
-        size = _source_bytes(ctx.paths(cfg.input)) if cfg.input else None
+        size = source_bytes(ctx.paths(cfg.input)) if cfg.input else None
         out = apply_steps(start, cfg.steps, ctx.source, ctx.stage, cluster_hint(cfg, ctx), size)
         _ = out.schema  # analyse now: a bad expression fails here, naming its step
     except ValueError as e:

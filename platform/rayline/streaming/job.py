@@ -31,12 +31,13 @@ import functools
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from .. import metrics as rl_metrics
 from ..config import PipelineSpec, QualityStage, SelectStep, TransformStage
 from ..context import RunContext
+from ..runstore import atomic_write_text
+from ..storage import Loc, location, spark_path
 from .spec import StreamingSpec
 
 __all__ = ["StreamFailed", "StreamJob", "META"]
@@ -92,7 +93,7 @@ def _task_of(model_dir: str) -> str:
     return Preprocessor.load(model_dir).task
 
 
-def _check_window_table(path: Path, checkpoint: Path, table: str) -> None:
+def _check_window_table(path: Loc, checkpoint: Loc, table: str) -> None:
     """A window table written by a query whose checkpoint is gone cannot be appended to.
 
     Spark's file sink skips every micro-batch id its ``_spark_metadata`` log already holds. A new
@@ -116,7 +117,7 @@ def _check_window_table(path: Path, checkpoint: Path, table: str) -> None:
 class StreamJob:
     """One streaming run of a spec (see the module docstring)."""
 
-    def __init__(self, spark: Any, spec: PipelineSpec, ctx: RunContext, run_dir: Path) -> None:
+    def __init__(self, spark: Any, spec: PipelineSpec, ctx: RunContext, run_dir: Loc) -> None:
         if spec.streaming is None:
             raise StreamFailed(f"spec {spec.name!r} has no 'streaming' section")
         self.spark = spark
@@ -124,7 +125,7 @@ class StreamJob:
         self.s: StreamingSpec = spec.streaming
         self.ctx = ctx
         self.run_dir = run_dir
-        self.cp = Path(self.s.checkpoint_location).resolve() / spec.name
+        self.cp = location(self.s.checkpoint_location) / spec.name  # a directory or a URI
         self.sink_dir = self.cp / "rayline_sink"
         self.stages = self._stages()
         self.report: dict[str, Any] = {
@@ -268,10 +269,7 @@ class StreamJob:
             for p in meta.partitions:
                 _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
                 starts[topic][str(p)] = int(high)
-        self.sink_dir.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(starts))
-        tmp.replace(marker)
+        atomic_write_text(marker, json.dumps(starts))
         # Markers of batches Spark has committed are no longer needed.
         for old in self.sink_dir.glob("*.json"):
             if old.stem.isdigit() and int(old.stem) < batch_id - 2:
@@ -588,8 +586,7 @@ class StreamJob:
             time.perf_counter() - t0,
             " ".join(f"{k} {v:.1f}" for k, v in phases.items()),
         )
-        (self.run_dir / "reports").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "reports" / "stream.json").write_text(json.dumps(rep, indent=2))
+        atomic_write_text(self.run_dir / "reports" / "stream.json", json.dumps(rep, indent=2))
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -604,7 +601,7 @@ class StreamJob:
         self._resolve_model()
         parsed = self._parsed()
         w = parsed.writeStream.foreachBatch(self.process).option(
-            "checkpointLocation", str(self.cp / "score")
+            "checkpointLocation", spark_path(self.cp / "score")
         )
         w = (
             w.trigger(availableNow=True)
@@ -642,12 +639,12 @@ class StreamJob:
             )
         )
         path = table_path(self.spec.warehouse, win.table)
-        _check_window_table(Path(path), self.cp / "window", win.table)
+        _check_window_table(location(path), self.cp / "window", win.table)
         w = (
             out.writeStream.format("parquet")
             .outputMode("append")
             .option("path", str(path))
-            .option("checkpointLocation", str(self.cp / "window"))
+            .option("checkpointLocation", spark_path(self.cp / "window"))
         )
         every = max(win.trigger_seconds, self.s.trigger_seconds)
         w = (

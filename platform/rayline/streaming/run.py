@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from ..config import PipelineSpec, SpecError
+from ..preflight import check_locations
 
 __all__ = ["run_stream", "session_with_kafka"]
 
@@ -61,6 +62,7 @@ def run_stream(
 
     if spec.streaming is None:
         raise SpecError(f"{spec_path or spec.name}: no 'streaming' section in the spec")
+    check_locations(spec, sources=False, registry=True, stream=True)
     store = RunStore(spec.run_store)
     run = _Run(spec, store, spec_path, None, [("stream", "streaming")])
     rec = run.record["stages"][0]
