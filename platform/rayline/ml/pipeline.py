@@ -225,6 +225,7 @@ def run_ml(
     metric = ml.gate_metric()
     hib = ml.higher_is_better()
     charts_dir = info.run_dir / "charts"
+    charts_dir.mkdir(parents=True, exist_ok=True)  # nothing to make on an object store
     evaluated = []
     for framework, model_dir, outcome in candidates:
         t0 = time.perf_counter()
