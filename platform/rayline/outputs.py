@@ -1,70 +1,264 @@
-"""Writing output tables: Parquet under the warehouse, visible only once complete, registered
+"""Output tables: Delta Lake tables under the warehouse, each publish one Delta commit, registered
 in the Spark catalog.
 
-A table is first written to ``<warehouse>/_staging/<table>-<run_id>``; only when Spark's job has
-succeeded is it renamed into ``<warehouse>/<table>`` (overwrite: the old directory is swapped out
-by two renames, so a reader sees the old table, briefly none, or the new one, never a part;
-append: the new files are moved in). A failed or interrupted run leaves its
-staging directory behind, never a partial table.
+The warehouse is a local directory or an object-store URI (``s3://bucket/prefix``); a table lives
+at ``<warehouse>/<table>`` (``db.table`` -> ``<warehouse>/db/table``). Spark reaches ``s3://``
+through Hadoop's S3A connector (as ``s3a://``, see :func:`rayline.session.spark_uri`); pyarrow and
+delta-rs (``deltalake``) keep ``s3://``.
+
+Atomicity is Delta's: data files are written first, under names no reader of the table looks at
+until the commit (one new ``_delta_log/<version>.json``) lists them, so a reader sees the previous
+version or the new one, never a part, locally and on S3 (no rename, no staging directory). A
+failed or killed write leaves the table at its previous version, with at most some unreferenced
+files beside it (``VACUUM`` removes them). On S3 Delta's default LogStore for ``s3a``
+(``S3SingleDriverLogStore``) makes commits from one Spark driver at a time safe; concurrent
+writers of one table from several clusters need the DynamoDB LogStore (``io.delta:delta-storage-s3-
+dynamodb``, ``spark.delta.logStore.s3a.impl=io.delta.storage.S3DynamoDBLogStore``).
+
+Modes: ``overwrite`` is Delta's overwrite (the new version holds only this write's rows, the old
+files stay for time travel until vacuumed; the schema and partitioning may change). ``append``
+adds rows (new columns merged into the schema) and is idempotent under retries: the commit carries
+Delta's transaction identifier ``txnAppId = "<pipeline>/<table>"``, ``txnVersion = <the run's start
+time in ms since the epoch>`` (:func:`txn_version_of`; a resumed run keeps its start time), and
+Delta skips a write whose ``txnVersion`` is not above the last one recorded for that appId. So an
+attempt that retries an append already committed adds nothing; the flip side: resuming an *older*
+run after a newer run of the same pipeline appended to the table adds nothing either (logged).
 
 :func:`link_table` publishes Parquet files a stage already wrote (the quality stage's kept rows,
-partitioned as the table is) the same way, hard-linking them into the staging directory instead
-of writing them again (copying where links are not possible).
+partitioned as the table is) without rewriting them: they are hard-linked (copied across file
+systems or to an object store) into the table's directory under fresh names and added to the
+table by one Delta commit (Delta's own transaction, driven from the driver). Where that is not
+possible (partition columns of other types than integers, strings, dates and booleans, or an
+append that changes the schema) it reads and writes them with Spark instead.
+
+Timestamps are written as Parquet INT64 ``TIMESTAMP_MICROS`` (the session sets
+``spark.sql.parquet.outputTimestampType``), not the legacy INT96.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .config import OutputSpec
+from .storage import ObjectPath, is_uri
+from .storage import location as _location
+from .storage import spark_path as spark_uri
 
-__all__ = ["write_table", "link_table", "table_path"]
+__all__ = [
+    "write_table",
+    "link_table",
+    "table_path",
+    "table_location",
+    "txn_version_of",
+    "storage_options",
+    "delta_table",
+    "read_table_arrow",
+    "is_delta_table",
+]
 
+log = logging.getLogger("rayline")
 
+# Written beside the data by Rayline before tables were Delta tables (column types for readers
+# that saw partition values only as directory names); read only to convert such a table.
 SCHEMA_FILE = "_rayline_schema.json"
+
+# The Delta Lake (Spark) release whose transaction API link_table drives (see _commit_files).
+DELTA_SPARK_LINE = "3.3."
+
+
+# -- locations ----------------------------------------------------------------------------------
+
+
+def table_location(warehouse: str | os.PathLike[str], table: str) -> str:
+    """Where the table ``table`` lives: an absolute local path, or a URI under a warehouse URI
+    (``s3://bucket/prefix/table``)."""
+    return str(_location(warehouse) / table.replace(".", "/"))
 
 
 def table_path(warehouse: str | os.PathLike[str], table: str) -> Path:
-    return Path(warehouse).resolve() / table.replace(".", "/")
+    """The table's directory in a local warehouse (see :func:`table_location` for URIs)."""
+    if is_uri(warehouse):
+        raise ValueError(f"warehouse {warehouse} is not local: use table_location()")
+    return Path(table_location(warehouse, table))
 
 
-def _move_files_into(src: Path, dst: Path, tag: str) -> None:
-    for f in src.rglob("*"):
-        if f.is_file() and not f.name.startswith(("_", ".")):
-            target = dst / f.relative_to(src)
-            target = target.with_name(f"{tag}-{target.name}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(f, target)
+def txn_version_of(started_at: str) -> int:
+    """The Delta ``txnVersion`` of a run: its start time (ISO 8601, as in the run record) in
+    milliseconds since the epoch. Monotonic across runs of a pipeline, the same for every attempt
+    of one run (``--resume`` keeps ``started_at``)."""
+    return int(datetime.fromisoformat(started_at).timestamp() * 1000)
 
 
-def _staging(wh: Path, out: OutputSpec, run_id: str, columns: list[str]) -> Path:
-    staging = wh / "_staging" / f"{out.table}-{run_id}"
-    if staging.exists():
-        shutil.rmtree(staging)
+def _endpoint(env: Any) -> str | None:
+    return env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+
+
+def storage_options(environ: Any = None) -> dict[str, str]:
+    """Options for delta-rs (``deltalake``) on S3 from the standard AWS environment: endpoint,
+    region, plain HTTP for an ``http://`` endpoint. Credentials are not copied here: delta-rs
+    reads ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN`` and
+    ``AWS_PROFILE`` from the environment itself."""
+    env = os.environ if environ is None else environ
+    opts: dict[str, str] = {}
+    endpoint = _endpoint(env)
+    if endpoint:
+        opts["AWS_ENDPOINT_URL"] = endpoint
+        opts["AWS_VIRTUAL_HOSTED_STYLE_REQUEST"] = "false"
+        if endpoint.lower().startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["AWS_REGION"] = region
+    return opts
+
+
+def _fs(loc: str) -> tuple[Any, str]:
+    """A ``pyarrow.fs`` file system for a location and the path within it."""
+    import pyarrow.fs as pafs
+
+    where = _location(loc)
+    if isinstance(where, ObjectPath):
+        return where.fs, where.fs_path
+    return pafs.LocalFileSystem(), str(where)
+
+
+def _delta_uri(location: str) -> str:
+    """The location as delta-rs names it (``s3a://`` -> ``s3://``)."""
+    if location.startswith(("s3a://", "s3n://")):
+        return "s3://" + location.split("://", 1)[1]
+    return location
+
+
+def delta_table(location: str, version: int | None = None) -> Any:
+    """The Delta table at ``location`` (a path or URI) read with delta-rs, at ``version``
+    (default: the current one)."""
+    from deltalake import DeltaTable
+
+    opts = storage_options() if is_uri(location) else None
+    return DeltaTable(_delta_uri(str(location)), version=version, storage_options=opts)
+
+
+def is_delta_table(location: str) -> bool:
+    """Whether a Delta table (with at least one commit) exists at ``location``."""
+    from deltalake import DeltaTable
+
+    opts = storage_options() if is_uri(location) else None
+    return bool(DeltaTable.is_deltatable(_delta_uri(location), storage_options=opts))
+
+
+def read_table_arrow(location: str, version: int | None = None) -> Any:
+    """A Delta table's rows at ``version`` (default: current) as a ``pyarrow.Table``, without
+    Spark."""
+    return delta_table(location, version).to_pyarrow_table()
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def _check_partitions(out: OutputSpec, columns: list[str]) -> None:
     missing = [c for c in out.partition_by if c not in columns]
     if missing:
         raise ValueError(
             f"output {out.table!r}: partition column(s) {missing} not in the data; "
             f"available: {sorted(columns)}"
         )
-    return staging
+
+
+def _app_id(pipeline: str | None, out: OutputSpec) -> str:
+    return f"{pipeline or 'rayline'}/{out.table}"
 
 
 def write_table(
-    spark: Any, df: Any, out: OutputSpec, warehouse: str | os.PathLike[str], run_id: str
+    spark: Any,
+    df: Any,
+    out: OutputSpec,
+    warehouse: str | os.PathLike[str],
+    run_id: str,
+    *,
+    pipeline: str | None = None,
+    txn_version: int | None = None,
 ) -> dict[str, Any]:
-    """Write ``df`` as the table ``out.table`` and register it; returns path and row count."""
-    wh = Path(warehouse).resolve()
-    staging = _staging(wh, out, run_id, list(df.columns))
-    w = df.write.mode("overwrite").format("parquet")
+    """Write ``df`` as the Delta table ``out.table`` (one commit) and register it.
+
+    Args:
+        spark: The SparkSession (with Delta Lake, see :mod:`rayline.session`).
+        df: The rows.
+        out: Table name, partitioning and mode.
+        warehouse: Local directory or ``s3://bucket/prefix``.
+        run_id: The run writing it (logged).
+        pipeline: With ``txn_version``, makes an append idempotent (see the module docstring).
+        txn_version: The run's :func:`txn_version_of`.
+
+    Returns:
+        ``table``, ``path`` (location), ``rows`` (the table's rows after the commit),
+        ``partition_by``, ``format`` (``delta``), ``version`` (the Delta version the table is at
+        after this publish) and, for appends, ``rows_written`` (0 when a retry was skipped).
+    """
+    _check_partitions(out, list(df.columns))
+    loc = table_location(warehouse, out.table)
+    sloc = spark_uri(loc)
+    legacy = _adopt_legacy(spark, loc, out, df.schema)
+    before = _current_version(spark, sloc)
+    w = df.write.format("delta").mode(out.mode)
+    if out.mode == "overwrite":
+        w = w.option("overwriteSchema", "true")
+    else:
+        w = w.option("mergeSchema", "true")
+        if txn_version is not None:
+            w = w.option("txnAppId", _app_id(pipeline, out)).option("txnVersion", txn_version)
     if out.partition_by:
         w = w.partitionBy(*out.partition_by)
-    w.save(str(staging))
-    return _commit(spark, wh, staging, df.schema, out, run_id, None)
+    t0 = time.perf_counter()
+    w.save(sloc)
+    version, metrics = _last_commit(spark, sloc)
+    written = int(metrics.get("numOutputRows", 0)) if version != before else 0
+    if out.mode == "append" and version == before:
+        log.warning(
+            "%s: append of run %s skipped: Delta transaction %s already at version >= %s "
+            "(a retry of a committed append, or an older run resumed after a newer one)",
+            out.table,
+            run_id,
+            _app_id(pipeline, out),
+            txn_version,
+        )
+    log.info(
+        "%s: Delta version %d written in %.1fs (%s rows)",
+        out.table,
+        version,
+        time.perf_counter() - t0,
+        f"{written:,}",
+    )
+    _drop_legacy(loc, legacy)
+    _register(spark, out.table, sloc)
+    rows = written if out.mode == "overwrite" else _count(spark, sloc, version)
+    return _result(out, loc, rows, version, written if out.mode == "append" else None)
+
+
+def _result(
+    out: OutputSpec, loc: str, rows: int, version: int, written: int | None
+) -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "table": out.table,
+        "path": loc,
+        "rows": rows,
+        "partition_by": out.partition_by,
+        "format": "delta",
+        "version": version,
+    }
+    if written is not None:
+        res["rows_written"] = written
+    return res
 
 
 def link_table(
@@ -75,77 +269,406 @@ def link_table(
     warehouse: str | os.PathLike[str],
     run_id: str,
     rows: int | None = None,
+    *,
+    df: Any = None,
+    pipeline: str | None = None,
+    txn_version: int | None = None,
 ) -> dict[str, Any]:
     """Publish the Parquet files under ``dirs`` (each laid out as the table: partition
-    directories of ``out.partition_by`` below it, or the files themselves) as the table
-    ``out.table``, atomically like :func:`write_table`, and register it. The files are
-    hard-linked (copied across file systems), named ``<i>-<name>`` so that equal names from
-    different directories stay apart; the directories are left as they are. ``rows``: their
-    row count when known (else counted from the footers)."""
-    wh = Path(warehouse).resolve()
-    staging = _staging(wh, out, run_id, [f.name for f in schema.fields])
-    staging.mkdir(parents=True)
-    for i, d in enumerate(dirs):
-        src = Path(d)
-        for f in src.rglob("*"):
-            if not f.is_file() or f.name.startswith(("_", ".")):
-                continue
-            rel = f.relative_to(src)
-            if len(rel.parts) - 1 != len(out.partition_by):
-                raise ValueError(f"output {out.table!r}: {f} is not laid out as the table")
-            target = staging / rel.parent / f"{i}-{rel.name}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(f, target)
-            except OSError:
-                shutil.copy2(f, target)
-    (staging / "_SUCCESS").touch()  # as Spark's writer marks a complete output
-    return _commit(spark, wh, staging, schema, out, run_id, rows)
+    directories of ``out.partition_by`` below it, or the files themselves) as the Delta table
+    ``out.table`` without rewriting them (see the module docstring), and register it.
 
-
-def _commit(
-    spark: Any,
-    wh: Path,
-    staging: Path,
-    schema: Any,
-    out: OutputSpec,
-    run_id: str,
-    rows: int | None,
-) -> dict[str, Any]:
-    """Move a complete staging directory into place and register the table."""
-    final = table_path(wh, out.table)
-    # The column types, for readers that see partition values only as directory names.
-    (staging / SCHEMA_FILE).write_text(
-        json.dumps(
-            {
-                "columns": [[f.name, f.dataType.simpleString()] for f in schema.fields],
-                "partition_by": out.partition_by,
-            }
-        )
+    ``schema``: the rows' Spark schema (partition columns included); ``rows``: their count when
+    known (else read from the footers); ``df``: the same rows as a DataFrame, written with
+    :func:`write_table` when the files cannot be added as they are (else read from ``dirs``).
+    Returns what :func:`write_table` returns.
+    """
+    _check_partitions(out, [f.name for f in schema.fields])
+    reason = _not_linkable(schema, out)
+    if reason is None:
+        loc = table_location(warehouse, out.table)
+        files = _files_of(dirs, out)
+        res = _commit_files(spark, files, schema, out, loc, run_id, pipeline, txn_version)
+        if res is not None:
+            return res
+        reason = "the append changes the table's schema"
+    log.info("%s: writing the rows with Spark (%s)", out.table, reason)
+    if df is None:
+        df = spark.read.schema(schema).parquet(*dirs)
+    return write_table(
+        spark, df, out, warehouse, run_id, pipeline=pipeline, txn_version=txn_version
     )
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if out.mode == "append" and final.exists():
-        _move_files_into(staging, final, run_id)
-        os.replace(staging / SCHEMA_FILE, final / SCHEMA_FILE)
-        shutil.rmtree(staging)
-        rows = None  # the table's rows, not the run's
-    else:
-        old = wh / "_staging" / f".old-{out.table}-{run_id}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(staging, final)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-    if rows is None:
-        rows = spark.read.parquet(str(final)).count()
 
-    # Register (or re-register) as an external table over the directory.
-    if "." in out.table:
-        spark.sql(f"CREATE DATABASE IF NOT EXISTS {out.table.split('.')[0]}")
-    spark.sql(f"DROP TABLE IF EXISTS {out.table}")
-    spark.catalog.createTable(out.table, path=str(final), source="parquet")
-    if out.partition_by:
-        spark.sql(f"MSCK REPAIR TABLE {out.table}")
-    spark.sql(f"REFRESH TABLE {out.table}")
-    return {"table": out.table, "path": str(final), "rows": rows, "partition_by": out.partition_by}
+# Partition column types whose Parquet directory values are already Delta's partition values.
+_LINKABLE_PARTITION_TYPES = {"string", "int", "bigint", "smallint", "tinyint", "date", "boolean"}
+
+
+def _not_linkable(schema: Any, out: OutputSpec) -> str | None:
+    types = {f.name: f.dataType.simpleString() for f in schema.fields}
+    odd = {c: types[c] for c in out.partition_by if types[c] not in _LINKABLE_PARTITION_TYPES}
+    if odd:
+        return f"partition column types {odd}"
+    return None
+
+
+_HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+
+
+def _unescape(value: str) -> str:
+    """Spark's (Hive's) partition directory unescaping: ``%XX`` -> the character."""
+    return re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+@dataclass
+class _File:
+    fs: Any  # pyarrow.fs file system of the source
+    path: str  # within fs
+    size: int
+    part_dir: str  # the partition directories, relative to the table ("" when unpartitioned)
+    values: dict[str, str | None]  # partition values, as Delta records them
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+def _files_of(dirs: list[str], out: OutputSpec) -> list[_File]:
+    """Every data file under ``dirs`` (local paths or URIs) with its partition values."""
+    import pyarrow.fs as pafs
+
+    files = []
+    for d in dirs:
+        fs, base = _fs(d)
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        for info in sorted(infos, key=lambda i: i.path):
+            rel = info.path[len(base) :].strip("/").split("/")
+            if info.type != pafs.FileType.File or rel[-1].startswith(("_", ".")):
+                continue
+            if any(p.startswith(("_", ".")) for p in rel[:-1]):
+                continue  # e.g. _temporary of an interrupted writer
+            if len(rel) - 1 != len(out.partition_by):
+                raise ValueError(
+                    f"output {out.table!r}: {d}/{'/'.join(rel)} is not laid out as the table"
+                )
+            values: dict[str, str | None] = {}
+            for part, col in zip(rel[:-1], out.partition_by, strict=True):
+                name, _, value = part.partition("=")
+                if name != col:
+                    raise ValueError(
+                        f"output {out.table!r}: {d}/{'/'.join(rel)}: directory {part!r} is not "
+                        f"of column {col!r}"
+                    )
+                values[col] = None if value == _HIVE_NULL else _unescape(value)
+            files.append(_File(fs, info.path, int(info.size or 0), "/".join(rel[:-1]), values))
+    return files
+
+
+# -- Delta through the session's JVM (delta-spark 3.3's transaction API; see DELTA_SPARK_LINE) --
+
+
+def _jvm_seq(spark: Any, items: list[Any]) -> Any:
+    jvm = spark._jvm
+    lst = jvm.java.util.ArrayList()
+    for it in items:
+        lst.add(it)
+    return jvm.scala.collection.JavaConverters.asScalaBufferConverter(lst).asScala().toList()
+
+
+def _delta_log(spark: Any, sloc: str) -> Any:
+    return spark._jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, sloc)
+
+
+def _current_version(spark: Any, sloc: str) -> int:
+    """The table's current Delta version, -1 when there is no Delta table at ``sloc``."""
+    return int(_delta_log(spark, sloc).startTransaction().readVersion())
+
+
+def _last_commit(spark: Any, sloc: str) -> tuple[int, dict[str, str]]:
+    """(version, operation metrics) of the table's latest commit."""
+    from delta.tables import DeltaTable
+
+    row = DeltaTable.forPath(spark, sloc).history(1).collect()[0]
+    return int(row["version"]), dict(row["operationMetrics"] or {})
+
+
+def _count(spark: Any, sloc: str, version: int) -> int:
+    # answered from the commit's per-file statistics (numRecords), no scan
+    return int(spark.read.format("delta").option("versionAsOf", version).load(sloc).count())
+
+
+def _check_delta_line(delta_log: Any) -> None:
+    where = str(delta_log.getClass().getProtectionDomain().getCodeSource().getLocation())
+    if f"delta-spark_2.12-{DELTA_SPARK_LINE}" not in where:
+        raise RuntimeError(
+            f"link_table drives Delta Lake {DELTA_SPARK_LINE}x's transaction API; the session "
+            f"has {where}"
+        )
+
+
+def _all_nullable(t: Any) -> Any:
+    """A Spark schema JSON with every field nullable, as Delta stores a table's schema."""
+    if not isinstance(t, dict):
+        return t
+    t = dict(t)
+    if t.get("type") == "struct":
+        t["fields"] = [
+            {**f, "nullable": True, "type": _all_nullable(f["type"])} for f in t["fields"]
+        ]
+    elif t.get("type") == "array":
+        t["containsNull"] = True
+        t["elementType"] = _all_nullable(t["elementType"])
+    elif t.get("type") == "map":
+        t["valueContainsNull"] = True
+        t["keyType"] = _all_nullable(t["keyType"])
+        t["valueType"] = _all_nullable(t["valueType"])
+    return t
+
+
+def _place(files: list[_File], loc: str) -> list[str]:
+    """Hard-link (else copy: across file systems, to or within an object store) each file into
+    the table's directory under a fresh name (no two attempts, no two versions share a file);
+    returns their paths relative to the table."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs as pafs
+
+    tag = uuid.uuid4().hex[:12]
+    rels = [
+        (f"{f.part_dir}/" if f.part_dir else "") + f"{tag}-{i}-{f.name}"
+        for i, f in enumerate(files)
+    ]
+    fs, base = _fs(loc)
+    local = isinstance(fs, pafs.LocalFileSystem)
+
+    def place(pair: tuple[_File, str]) -> None:
+        f, rel = pair
+        if local and isinstance(f.fs, pafs.LocalFileSystem):
+            target = Path(base) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f.path, target)
+            except OSError:
+                shutil.copyfile(f.path, target)
+            return
+        # the same S3 file system object: a server-side copy; else streamed
+        pafs.copy_files(f.path, f"{base}/{rel}", source_filesystem=f.fs, destination_filesystem=fs)
+
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="rayline-link") as pool:
+        list(pool.map(place, zip(files, rels, strict=True)))
+    return rels
+
+
+def _row_counts(files: list[_File]) -> list[int]:
+    """Rows per file, from the Parquet footers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    def rows(f: _File) -> int:
+        return int(pq.read_metadata(f.path, filesystem=f.fs).num_rows)
+
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="rayline-footers") as pool:
+        return list(pool.map(rows, files))
+
+
+def _commit_files(
+    spark: Any,
+    files: list[_File],
+    schema: Any,
+    out: OutputSpec,
+    loc: str,
+    run_id: str,
+    pipeline: str | None,
+    txn_version: int | None,
+) -> dict[str, Any] | None:
+    """Add ``files`` to the Delta table at ``loc`` in one commit (overwrite: and remove every
+    file of the current version). None (nothing done) for an append that would change the
+    table's schema: that is :func:`write_table`'s (mergeSchema)."""
+    t0 = time.perf_counter()
+    jvm = spark._jvm
+    delta = jvm.org.apache.spark.sql.delta
+    sloc = spark_uri(loc)
+    table_schema = _all_nullable(json.loads(schema.json()))
+    legacy = _adopt_legacy(spark, loc, out, schema)
+    delta_log = _delta_log(spark, sloc)
+    _check_delta_line(delta_log)
+    txn = delta_log.startTransaction()
+    before = int(txn.readVersion())
+    app_id = _app_id(pipeline, out)
+    actions = []
+    if before >= 0:
+        current = json.loads(txn.metadata().json())["metaData"]
+        same = _all_nullable(json.loads(current["schemaString"])) == table_schema and list(
+            current["partitionColumns"]
+        ) == list(out.partition_by)
+    else:
+        current, same = None, False
+    if out.mode == "append":
+        if current is not None and not same:
+            return None
+        if txn_version is not None and int(txn.txnVersion(app_id)) >= txn_version:
+            log.warning(
+                "%s: append of run %s skipped: Delta transaction %s already at version >= %s "
+                "(a retry of a committed append, or an older run resumed after a newer one)",
+                out.table,
+                run_id,
+                app_id,
+                txn_version,
+            )
+            _register(spark, out.table, sloc)
+            return _result(out, loc, _count(spark, sloc, before), before, 0)
+    if current is None or not same:
+        meta = dict(current or {})
+        meta.setdefault("id", str(uuid.uuid4()))
+        meta.setdefault("format", {"provider": "parquet", "options": {}})
+        meta.setdefault("configuration", {})
+        meta.setdefault("createdTime", int(time.time() * 1000))
+        meta["schemaString"] = json.dumps(table_schema, separators=(",", ":"))
+        meta["partitionColumns"] = list(out.partition_by)
+        metadata = delta.actions.Action.fromJson(json.dumps({"metaData": meta}))
+        if current is None:
+            txn.updateMetadata(metadata, False)
+        else:
+            txn.updateMetadataForTableOverwrite(metadata)
+    if out.mode == "overwrite" and before >= 0:
+        actions += [
+            f.remove() for f in jvm.scala.collection.JavaConverters.seqAsJavaList(txn.filterFiles())
+        ]
+
+    counts = _row_counts(files)
+    rels = _place(files, loc)
+    now = int(time.time() * 1000)
+    hadoop_path = jvm.org.apache.hadoop.fs.Path
+    for f, rel, n in zip(files, rels, counts, strict=True):
+        add = {
+            "path": str(hadoop_path(rel).toUri().toString()),
+            "partitionValues": f.values,
+            "size": f.size,
+            "modificationTime": now,
+            "dataChange": True,
+            "stats": json.dumps({"numRecords": n}),
+        }
+        actions.append(delta.actions.Action.fromJson(json.dumps({"add": add})))
+    if txn_version is not None:
+        txn_action = {"appId": app_id, "version": txn_version, "lastUpdated": now}
+        actions.append(delta.actions.Action.fromJson(json.dumps({"txn": txn_action})))
+    save_mode = jvm.org.apache.spark.sql.SaveMode.valueOf(
+        "Overwrite" if out.mode == "overwrite" else "Append"
+    )
+    option = jvm.scala.Option
+    operation = getattr(delta, "DeltaOperations$Write")(
+        save_mode,
+        option.apply(_jvm_seq(spark, list(out.partition_by))),
+        option.apply(None),
+        option.apply(None),
+    )
+    version = int(txn.commit(_jvm_seq(spark, actions), operation))
+    written = sum(counts)
+    log.info(
+        "%s: Delta version %d: %d file(s) of run %s added in %.2fs (%s rows, not rewritten)",
+        out.table,
+        version,
+        len(files),
+        run_id,
+        time.perf_counter() - t0,
+        f"{written:,}",
+    )
+    _drop_legacy(loc, legacy)
+    _register(spark, out.table, sloc)
+    if out.mode == "overwrite":
+        return _result(out, loc, written, version, None)
+    return _result(out, loc, _count(spark, sloc, version), version, written)
+
+
+# -- tables written before Rayline used Delta -----------------------------------------------------
+
+
+def _adopt_legacy(spark: Any, loc: str, out: OutputSpec, schema: Any) -> list[Path]:
+    """A plain-Parquet table left at ``loc`` by an older Rayline (a local warehouse): for an
+    append, converted in place to a Delta table (its rows kept); for an overwrite, left for the
+    new version to replace: returns its files, removed by :func:`_drop_legacy` once the commit is
+    done (Delta readers never see them; plain-Parquet readers would)."""
+    if is_uri(loc):
+        return []
+    p = Path(loc)
+    if not p.is_dir() or (p / "_delta_log").is_dir():
+        return []
+    files = [f for f in p.rglob("*") if f.is_file()]
+    if not files:
+        return []
+    if out.mode == "overwrite":
+        log.warning(
+            "%s: %s holds a plain-Parquet table (written before Rayline's tables were Delta "
+            "tables): replacing it with a Delta table; its %d file(s) are removed after the "
+            "commit",
+            out.table,
+            loc,
+            len(files),
+        )
+        return files
+    types = {f.name: f.dataType.simpleString() for f in schema.fields}
+    with contextlib.suppress(FileNotFoundError, KeyError, ValueError):
+        written = json.loads((p / SCHEMA_FILE).read_text())
+        types |= dict(written["columns"])
+    parts = ", ".join(f"`{c}` {types[c]}" for c in out.partition_by)
+    log.warning(
+        "%s: %s holds a plain-Parquet table (written before Rayline's tables were Delta "
+        "tables): converting it to a Delta table in place (CONVERT TO DELTA), its rows kept",
+        out.table,
+        loc,
+    )
+    sloc = spark_uri(loc).replace("`", "``")
+    spark.sql(
+        f"CONVERT TO DELTA parquet.`{sloc}`" + (f" PARTITIONED BY ({parts})" if parts else "")
+    )
+    for name in (SCHEMA_FILE, "_SUCCESS"):
+        (p / name).unlink(missing_ok=True)
+    return []
+
+
+def _drop_legacy(loc: str, files: list[Path]) -> None:
+    if not files:
+        return
+    for f in files:
+        f.unlink(missing_ok=True)
+    root = Path(loc)
+    for d in sorted((d for d in root.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+        if d.name != "_delta_log" and not any(d.iterdir()):
+            d.rmdir()
+
+
+# -- the catalog --------------------------------------------------------------------------------
+
+
+def _catalog_entry(spark: Any, table: str) -> tuple[str, str] | None:
+    """(provider, location) of ``table`` in the session catalog, None when not registered."""
+    if not spark.catalog.tableExists(table):
+        return None
+    info = {
+        r["col_name"]: r["data_type"]
+        for r in spark.sql(f"DESCRIBE TABLE EXTENDED {table}").collect()
+    }
+    return (info.get("Provider") or "").lower(), info.get("Location") or ""
+
+
+def _same_location(a: str, b: str) -> bool:
+    def norm(s: str) -> str:
+        s = s.rstrip("/")
+        return s[len("file:") :] if s.startswith("file:") else s
+
+    return norm(a) == norm(b)
+
+
+def _register(spark: Any, table: str, sloc: str) -> None:
+    """Register ``table`` as the Delta table at ``sloc`` (once; re-registered when it is in the
+    catalog as another kind of table or elsewhere)."""
+    if "." in table:
+        spark.sql(f"CREATE DATABASE IF NOT EXISTS {table.split('.')[0]}")
+    entry = _catalog_entry(spark, table)
+    if entry is not None and entry[0] == "delta" and _same_location(entry[1], sloc):
+        return
+    if entry is not None:
+        spark.sql(f"DROP TABLE IF EXISTS {table}")
+    location = sloc.replace("\\", "\\\\").replace("'", "\\'")
+    spark.sql(f"CREATE TABLE {table} USING DELTA LOCATION '{location}'")

@@ -34,7 +34,7 @@ from .config import (
 )
 from .context import QUARANTINE_COLUMNS, REASONS, RunContext, StageError
 from .lineage import LineageLog, dataset
-from .outputs import link_table, write_table
+from .outputs import link_table, txn_version_of, write_table
 from .preflight import check_locations
 from .runstore import RunStore, now_iso
 from .stages import analytics, quality, schema, transform
@@ -415,8 +415,9 @@ def _publish(
             spec.warehouse,
             run.run_id,
             _kept_rows(run),
+            txn={"pipeline": spec.name, "txn_version": txn_version_of(run.record["started_at"])},
         )
-        reasons = _reason_counts(spark, q_out["path"])
+        reasons = _reason_counts(spark, q_out["path"], q_out.get("version"))
     except BaseException as e:
         ctx.lineage.emit("FAIL", "publish", stage_type="publish", error=str(e))
         raise
@@ -452,14 +453,15 @@ def _kept_rows(run: _Run) -> int | None:
 
 
 def _publish_table(
-    spark: Any, df: Any, out: Any, warehouse: str, run_id: str, rows: int | None
+    spark: Any, df: Any, out: Any, warehouse: str, run_id: str, rows: int | None, **txn: Any
 ) -> dict[str, Any]:
-    """Write ``df`` as the table ``out``; when ``df`` is a quality stage's kept rows already on
-    disk partitioned as the table is, link those files into place instead (no Spark job)."""
+    """Write ``df`` as the Delta table ``out``; when ``df`` is a quality stage's kept rows
+    already on disk partitioned as the table is, add those files to the table's commit instead
+    (no Spark job). ``txn``: ``pipeline`` and ``txn_version`` (idempotent appends)."""
     written = quality.written_rows(df)
     if written is not None and written[1] == list(out.partition_by):
-        return link_table(spark, written[0], df.schema, out, warehouse, run_id, rows)
-    return write_table(spark, df, out, warehouse, run_id)
+        return link_table(spark, written[0], df.schema, out, warehouse, run_id, rows, df=df, **txn)
+    return write_table(spark, df, out, warehouse, run_id, **txn)
 
 
 def _write_both(
@@ -469,18 +471,27 @@ def _write_both(
     warehouse: str,
     run_id: str,
     second_rows: int | None = None,
+    txn: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write two tables at once (each atomically, see :func:`write_table`): the small quarantine
     table's jobs and catalog calls then overlap the curated table's write instead of adding to
     it. Raises the first table's error if both fail; Spark's jobs are cancelled if this thread
-    is interrupted. ``second_rows``: the second table's rows, when known."""
+    is interrupted. ``second_rows``: the second table's rows, when known; ``txn``: keyword
+    arguments of :func:`write_table` making appends idempotent (``pipeline``, ``txn_version``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayline-publish") as pool:
         futures = [
-            pool.submit(write_table, spark, first[0], first[1], warehouse, run_id),
+            pool.submit(write_table, spark, first[0], first[1], warehouse, run_id, **(txn or {})),
             pool.submit(
-                _publish_table, spark, second[0], second[1], warehouse, run_id, second_rows
+                _publish_table,
+                spark,
+                second[0],
+                second[1],
+                warehouse,
+                run_id,
+                second_rows,
+                **(txn or {}),
             ),
         ]
         try:
@@ -492,12 +503,16 @@ def _write_both(
             raise
 
 
-def _reason_counts(spark: Any, path: str) -> dict[str, int]:
-    """Quarantined rows per reason, counted from the written table."""
+def _reason_counts(spark: Any, path: str, version: int | None = None) -> dict[str, int]:
+    """Quarantined rows per reason, counted from the written Delta table (at ``version``, the
+    one this run published)."""
     from pyspark.sql import functions as F
 
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
     rows = (
-        spark.read.parquet(path)
+        reader.load(spark_path(path))
         .select(F.explode(F.col(REASONS)).alias("r"))
         .groupBy("r")
         .count()

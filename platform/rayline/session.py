@@ -21,17 +21,38 @@ from pathlib import Path
 from typing import Any
 
 from .config import SessionConfig
+from .storage import is_uri, location, spark_path
 
 __all__ = [
     "JAVA17_OPENS",
     "jvm_options",
     "spark_conf",
+    "spark_jars",
+    "s3a_conf",
     "spark_on_ray",
     "ray_session",
     "ensure_java",
 ]
 
 log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+# Where S3A finds credentials, in order: the standard variables (AWS_ACCESS_KEY_ID,
+# AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), the shared credentials file (AWS_PROFILE; the file
+# from AWS_CREDENTIAL_PROFILES_FILE, set from AWS_SHARED_CREDENTIALS_FILE, else
+# ~/.aws/credentials), then an EC2/ECS instance role. Each JVM (driver and every executor)
+# resolves them from its own environment: no key is ever put into Spark's configuration.
+S3A_CREDENTIAL_PROVIDERS = ",".join(
+    [
+        "com.amazonaws.auth.EnvironmentVariableCredentialsProvider",
+        "com.amazonaws.auth.profile.ProfileCredentialsProvider",
+        "org.apache.hadoop.fs.s3a.auth.IAMInstanceCredentialsProvider",
+    ]
+)
 
 # Packages RayDP's and Spark's JVMs reach into reflectively; Java 17 refuses without these.
 JAVA17_OPENS = [
@@ -97,9 +118,97 @@ def ensure_java() -> None:
         raise RuntimeError(f"{java} is Java {major}; Spark-on-Ray here needs Java 17 ({first})")
 
 
-def spark_conf(cfg: SessionConfig, warehouse: str | os.PathLike[str]) -> dict[str, str]:
-    """Spark settings for a session: JVM flags, resources, adaptive execution, the catalog."""
-    wh = Path(warehouse).resolve()
+def s3a_conf(environ: Any = None) -> dict[str, str]:
+    """Hadoop S3A settings derived from the standard AWS environment (never a secret):
+
+    - endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (an S3-compatible server);
+      with one, path-style access, and plain HTTP when it is ``http://``;
+    - region from ``AWS_REGION`` or ``AWS_DEFAULT_REGION``;
+    - credentials through :data:`S3A_CREDENTIAL_PROVIDERS`, which read the environment and the
+      profile files of the JVM that opens the file system.
+    """
+    env = os.environ if environ is None else environ
+    conf = {
+        "spark.hadoop.fs.s3a.aws.credentials.provider": S3A_CREDENTIAL_PROVIDERS,
+        # s3:// paths (a user's sources) through S3A too; Rayline itself maps them to s3a://.
+        "spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+    }
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        conf["spark.hadoop.fs.s3a.endpoint"] = endpoint
+        conf["spark.hadoop.fs.s3a.path.style.access"] = "true"
+        secure = not endpoint.lower().startswith("http://")
+        conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] = str(secure).lower()
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        conf["spark.hadoop.fs.s3a.endpoint.region"] = region
+    return conf
+
+
+_jars: list[str] | None = None
+
+
+def spark_jars() -> list[str]:
+    """The jars every session adds to PySpark's: Delta Lake and Hadoop's S3A connector.
+
+    ``RAYLINE_SPARK_JARS`` (comma-separated paths) if set; else ``scripts/spark-jars.sh``, which
+    fetches them from Maven Central once into ``.cache/spark-jars`` (needs ``mvn`` then) and
+    prints them. Resolved once per process.
+    """
+    global _jars
+    if os.environ.get("RAYLINE_SPARK_JARS"):
+        return [j for j in os.environ["RAYLINE_SPARK_JARS"].split(",") if j]
+    if _jars is not None:
+        return _jars
+    import subprocess
+
+    script = ROOT / "scripts" / "spark-jars.sh"
+    if not script.exists():
+        script = Path.cwd() / "scripts" / "spark-jars.sh"
+    if not script.exists():
+        raise FileNotFoundError(
+            "scripts/spark-jars.sh not found: run from the Rayline checkout or set "
+            "RAYLINE_SPARK_JARS to the Delta Lake and S3A jars (comma-separated)"
+        )
+    t0 = time.perf_counter()
+    out = subprocess.run([str(script)], capture_output=True, text=True, timeout=1200)
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"could not get the Delta Lake and S3A jars ({script}): {out.stderr.strip()[-2000:]}"
+        )
+    lines = out.stdout.strip().splitlines()
+    jars = [j for j in (lines[-1] if lines else "").split(",") if j]
+    if not jars:
+        raise RuntimeError(f"{script} printed no jars")
+    log.debug("spark jars resolved in %.2fs: %s", time.perf_counter() - t0, jars)
+    _jars = jars
+    return jars
+
+
+def _joined(sep: str, *parts: str | None) -> str:
+    seen: list[str] = []
+    for part in parts:
+        for item in (part or "").split(sep):
+            if item and item not in seen:
+                seen.append(item)
+    return sep.join(seen)
+
+
+def _metastore_dir(warehouse: str | os.PathLike[str]) -> Path:
+    """Where the embedded Derby metastore lives: under a local warehouse; for a warehouse in
+    an object store, ``RAYLINE_METASTORE_DIR`` or ``.rayline/metastore`` (Derby is local)."""
+    if not is_uri(warehouse):
+        return Path(str(location(warehouse)))
+    return Path(os.environ.get("RAYLINE_METASTORE_DIR") or ".rayline/metastore").resolve()
+
+
+def spark_conf(
+    cfg: SessionConfig, warehouse: str | os.PathLike[str], jars: list[str] | None = None
+) -> dict[str, str]:
+    """Spark settings for a session: JVM flags, resources, adaptive execution, the catalog,
+    Delta Lake, S3A from the AWS environment, and ``jars`` (see :func:`spark_jars`) on the
+    driver and the executors."""
+    wh = _metastore_dir(warehouse)
     java_opts = " ".join(jvm_options())
     cores = cfg.num_executors * cfg.executor_cores
     conf = {
@@ -112,7 +221,7 @@ def spark_conf(cfg: SessionConfig, warehouse: str | os.PathLike[str]) -> dict[st
         "spark.sql.adaptive.enabled": "true",
         "spark.sql.adaptive.coalescePartitions.enabled": "true",
         "spark.sql.session.timeZone": "UTC",
-        "spark.sql.warehouse.dir": str(wh),
+        "spark.sql.warehouse.dir": spark_path(warehouse),
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         # PySpark's daemon without Spark's jar on the workers' sys.path: every Python task
@@ -121,6 +230,12 @@ def spark_conf(cfg: SessionConfig, warehouse: str | os.PathLike[str]) -> dict[st
         # Executors lost mid-run (an actor killed) are replaced; let tasks retry meanwhile.
         "spark.task.maxFailures": "8",
         "spark.stage.maxConsecutiveAttempts": "8",
+        # Tables are Delta tables (rayline.outputs); Parquet timestamps as INT64 microseconds,
+        # which every reader (pyarrow, delta-rs) reads as a timestamp, not the legacy INT96.
+        "spark.sql.extensions": DELTA_EXTENSION,
+        "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        **s3a_conf(),
     }
     if cfg.enable_hive:
         url = cfg.metastore_url or f"jdbc:derby:;databaseName={wh / '_metastore_db'};create=true"
@@ -128,7 +243,18 @@ def spark_conf(cfg: SessionConfig, warehouse: str | os.PathLike[str]) -> dict[st
         conf["spark.hadoop.javax.jdo.option.ConnectionURL"] = url
         conf["spark.hadoop.datanucleus.schema.autoCreateAll"] = "true"
         conf["spark.hadoop.hive.metastore.schema.verification"] = "false"
-    conf.update(cfg.spark_conf)
+    user = dict(cfg.spark_conf)
+    conf.update(user)
+    # Lists a user's settings add to rather than replace.
+    conf["spark.sql.extensions"] = _joined(",", user.get("spark.sql.extensions"), DELTA_EXTENSION)
+    if jars:
+        # spark.jars: the driver's classpath, and executors fetch them from the driver (on any
+        # node); raydp.executor.extraClassPath: the executor JVMs' own classpath when started,
+        # where these paths exist (this node), so no class depends on the fetched copies there.
+        conf["spark.jars"] = _joined(",", user.get("spark.jars"), ",".join(jars))
+        conf["raydp.executor.extraClassPath"] = _joined(
+            ":", user.get("raydp.executor.extraClassPath"), ":".join(jars)
+        )
     return conf
 
 
@@ -210,7 +336,9 @@ def spark_on_ray(
         A ``pyspark.sql.SparkSession`` whose executors are Ray actors.
     """
     ensure_java()
-    Path(warehouse).mkdir(parents=True, exist_ok=True)
+    if not is_uri(warehouse):
+        Path(str(location(warehouse))).mkdir(parents=True, exist_ok=True)
+    jars = spark_jars()
     import ray
     import raydp
 
@@ -220,6 +348,13 @@ def spark_on_ray(
     # The executors' Python workers run this interpreter (its venv has pyspark), not whatever
     # `python3` is first on the PATH Ray was started with (PySpark reads PYSPARK_PYTHON).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # The AWS SDK for Java v1 (S3A's) names the shared credentials file differently from the
+    # CLI and the newer SDKs; a path, not a secret. Set before Ray starts so that its raylet,
+    # and so every executor of a local instance, inherits it as it inherits the AWS_* keys.
+    if os.environ.get("AWS_SHARED_CREDENTIALS_FILE"):
+        os.environ.setdefault(
+            "AWS_CREDENTIAL_PROFILES_FILE", os.environ["AWS_SHARED_CREDENTIALS_FILE"]
+        )
     try:
         started_ray = _connect_ray(cfg)
         t1 = time.perf_counter()
@@ -231,7 +366,7 @@ def spark_on_ray(
                 executor_cores=cfg.executor_cores,
                 executor_memory=cfg.executor_memory,
                 enable_hive=cfg.enable_hive,
-                configs=spark_conf(cfg, warehouse),
+                configs=spark_conf(cfg, warehouse, jars),
             )
             spark.sparkContext.setLogLevel("WARN")
             log.info(

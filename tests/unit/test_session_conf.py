@@ -83,3 +83,114 @@ def test_drop_jar_paths_forgets_the_jar_and_what_was_imported_from_it(tmp_path, 
     with pytest.raises(ImportError):
         importlib.import_module("orgx")
     assert drop_jar_paths() == []
+
+
+def test_spark_conf_adds_delta_and_micros_timestamps(tmp_path):
+    conf = spark_conf(SessionConfig(), tmp_path)
+    assert conf["spark.sql.extensions"] == "io.delta.sql.DeltaSparkSessionExtension"
+    assert conf["spark.sql.catalog.spark_catalog"] == (
+        "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+    )
+    assert conf["spark.sql.parquet.outputTimestampType"] == "TIMESTAMP_MICROS"
+    assert conf["spark.sql.catalogImplementation"] == "hive"  # Delta's catalog wraps Hive's
+    # a user's extension is kept beside Delta's
+    user = spark_conf(SessionConfig(spark_conf={"spark.sql.extensions": "x.Ext"}), tmp_path)
+    assert user["spark.sql.extensions"] == "x.Ext,io.delta.sql.DeltaSparkSessionExtension"
+
+
+def test_spark_conf_puts_the_jars_on_driver_and_executors_after_the_users(tmp_path):
+    jars = ["/c/delta-spark.jar", "/c/hadoop-aws.jar"]
+    conf = spark_conf(SessionConfig(), tmp_path, jars)
+    assert conf["spark.jars"] == "/c/delta-spark.jar,/c/hadoop-aws.jar"
+    assert conf["raydp.executor.extraClassPath"] == "/c/delta-spark.jar:/c/hadoop-aws.jar"
+    user = spark_conf(
+        SessionConfig(
+            spark_conf={
+                "spark.jars": "/k/kafka.jar",
+                "raydp.executor.extraClassPath": "/k/kafka.jar",
+            }
+        ),
+        tmp_path,
+        jars,
+    )
+    assert user["spark.jars"] == "/k/kafka.jar,/c/delta-spark.jar,/c/hadoop-aws.jar"
+    assert (
+        user["raydp.executor.extraClassPath"] == "/k/kafka.jar:/c/delta-spark.jar:/c/hadoop-aws.jar"
+    )
+    assert "spark.jars" not in spark_conf(SessionConfig(), tmp_path)
+
+
+def test_s3a_settings_come_from_the_aws_environment_without_secrets(tmp_path, monkeypatch):
+    from rayline.session import s3a_conf
+
+    env = {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:19333",
+        "AWS_REGION": "eu-west-3",
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "very-secret",
+    }
+    conf = s3a_conf(env)
+    assert conf["spark.hadoop.fs.s3a.endpoint"] == "http://127.0.0.1:19333"
+    assert conf["spark.hadoop.fs.s3a.path.style.access"] == "true"
+    assert conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] == "false"
+    assert conf["spark.hadoop.fs.s3a.endpoint.region"] == "eu-west-3"
+    providers = conf["spark.hadoop.fs.s3a.aws.credentials.provider"].split(",")
+    assert providers[:2] == [
+        "com.amazonaws.auth.EnvironmentVariableCredentialsProvider",
+        "com.amazonaws.auth.profile.ProfileCredentialsProvider",
+    ]
+    # https endpoint; the default region variable; AWS_ENDPOINT_URL_S3 wins
+    https = s3a_conf(
+        {
+            "AWS_ENDPOINT_URL": "http://other",
+            "AWS_ENDPOINT_URL_S3": "https://s3.example.com",
+            "AWS_DEFAULT_REGION": "us-east-2",
+        }
+    )
+    assert https["spark.hadoop.fs.s3a.endpoint"] == "https://s3.example.com"
+    assert https["spark.hadoop.fs.s3a.connection.ssl.enabled"] == "true"
+    assert https["spark.hadoop.fs.s3a.endpoint.region"] == "us-east-2"
+    # plain AWS: no endpoint, no path-style
+    assert "spark.hadoop.fs.s3a.endpoint" not in s3a_conf({})
+    # the whole session conf carries no key from the environment
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    whole = spark_conf(SessionConfig(), tmp_path, ["/c/x.jar"])
+    text = repr(whole)
+    assert "very-secret" not in text and "AKIDEXAMPLE" not in text
+    assert whole["spark.hadoop.fs.s3a.endpoint"] == "http://127.0.0.1:19333"
+
+
+def test_a_warehouse_in_s3_keeps_the_metastore_local(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYLINE_METASTORE_DIR", str(tmp_path / "ms"))
+    conf = spark_conf(SessionConfig(), "s3://bucket/wh")
+    assert conf["spark.sql.warehouse.dir"] == "s3a://bucket/wh"
+    assert str(tmp_path / "ms") in conf["spark.hadoop.javax.jdo.option.ConnectionURL"]
+    assert f"-Dderby.system.home={tmp_path / 'ms'}" in conf["spark.driver.extraJavaOptions"]
+
+
+def test_spark_jars_from_the_environment_or_the_script(monkeypatch, tmp_path):
+    from rayline import session
+
+    monkeypatch.setenv("RAYLINE_SPARK_JARS", "/a.jar,/b.jar")
+    assert session.spark_jars() == ["/a.jar", "/b.jar"]
+    monkeypatch.delenv("RAYLINE_SPARK_JARS")
+    monkeypatch.setattr(session, "_jars", None)
+    # the script without Maven and without a cache: a clear error naming mvn
+    fake_root = tmp_path / "root"
+    (fake_root / "scripts").mkdir(parents=True)
+    script = session.ROOT / "scripts" / "spark-jars.sh"
+    (fake_root / "scripts" / "spark-jars.sh").write_text(script.read_text())
+    (fake_root / "scripts" / "spark-jars.sh").chmod(0o755)
+    monkeypatch.setattr(session, "ROOT", fake_root)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("bash", "dirname", "mkdir", "sha256sum", "cut", "flock", "cat", "ls", "paste"):
+        import shutil
+
+        path = shutil.which(tool)
+        if path:
+            (bindir / tool).symlink_to(path)
+    monkeypatch.setenv("PATH", str(bindir))
+    with pytest.raises(RuntimeError, match=r"Maven \(mvn\) is needed"):
+        session.spark_jars()
