@@ -4,8 +4,9 @@
 # Settings (environment): RAYLINE_RAY_PORT (6379), RAYLINE_DASHBOARD_PORT (8265),
 # RAYLINE_METRICS_PORT (8080), RAYLINE_AGENT_PORT (52365), RAYLINE_CLUSTER_CPUS (cores + 2: Spark executors hold theirs),
 # RAYLINE_RAY_TEMP_DIR (/tmp/ray on the default port, /tmp/ray-<port> on another).
-# Token authentication: Ray 2.60 enables it for clusters it starts; RAY_AUTH_MODE=token is
-# exported here and must be set for the job CLI too (the token is in ~/.ray/auth_token).
+# Token authentication (never turned off here): RAY_AUTH_MODE=token is exported and must be set
+# for the job CLI too. `up` creates the cluster's token when none exists (RAY_AUTH_TOKEN, else
+# the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, mode 600) and never prints it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY="${RAY:-.venv/bin/ray}"
@@ -28,9 +29,34 @@ log="${TMPDIR:-/tmp}/rayline-cluster-$DPORT.log"
 
 status() { "$RAY" job list --address "$addr" >/dev/null 2>&1; }
 
+# The token every node and client of this cluster shares. `ray start --head` does not create
+# one (Ray 2.60 does so only for a local ray.init()), so on a machine where Ray never ran it
+# refused to start: create it here, with Ray's own generator for the default file.
+ensure_token() {
+  [ "$RAY_AUTH_MODE" = token ] || return 0
+  if [ -n "${RAY_AUTH_TOKEN:-}" ]; then echo "cluster: token from RAY_AUTH_TOKEN"; return 0; fi
+  local path="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+  if [ ! -s "$path" ]; then
+    (
+      umask 077
+      mkdir -p "$(dirname "$path")"
+      if [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+        "$RAY" get-auth-token --generate >/dev/null 2>&1  # prints the token: never to a log
+      else  # Ray's generator writes only the default file
+        od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$path"
+      fi
+    ) || { echo "cluster: could not create the auth token at $path" >&2; exit 1; }
+    [ -s "$path" ] || { echo "cluster: no auth token at $path after generating it" >&2; exit 1; }
+    echo "cluster: created the cluster's auth token in $path"
+  fi
+  chmod 600 "$path"
+  echo "cluster: token auth; clients on this machine read $path (elsewhere: copy it to ~/.ray/auth_token, or set RAY_AUTH_TOKEN_PATH), with RAY_AUTH_MODE=token"
+}
+
 case "${1:-}" in
   up)
     if status; then echo "cluster: already up; dashboard $addr"; exit 0; fi
+    ensure_token
     # Ray's daemons keep the output streams they start with: give them a log file, never a pipe.
     "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" \
       --dashboard-host=127.0.0.1 --dashboard-port="$DPORT" --include-dashboard=true \
