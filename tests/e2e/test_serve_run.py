@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def register_flights_stumps(registry: Path) -> None:
+def register_flights_stumps(registry: str | Path, scratch: Path) -> None:
     """Two versions of flights_arr_delay over the flights features (one-tree ensembles: the
     Serve path is what is tested here, not TensorFlow): version 1 answers -10/+10 around a
     departure delay of 15 minutes, version 2 -20/+20."""
@@ -62,7 +63,7 @@ def register_flights_stumps(registry: Path) -> None:
     )
     reg = ModelRegistry(registry)
     for version, value in ((1, 10.0), (2, 20.0)):
-        art = registry.parent / f"model-{version}"
+        art = scratch / f"model-{version}"
         art.mkdir(parents=True)
         pre.save(art)
         write_model_info(art, "spark_gbt", task="regression")
@@ -88,12 +89,21 @@ def flights_row() -> dict:
     return row
 
 
-@pytest.mark.parametrize("path", ["default", "fast"])
+S3 = pytest.mark.skipif(
+    not os.environ.get("AWS_ENDPOINT_URL") or not os.environ.get("RAYLINE_S3_BUCKET"),
+    reason="no object store: start scripts/objectstore.sh and eval its `env` (test.sh does)",
+)
+
+
+@pytest.mark.parametrize("path", ["default", "fast", pytest.param("s3", marks=S3)])
 def test_serve_run_flights_config(tmp_path, path):
-    """`serve run` as the docs give it: plain, and after `eval "$(python -m rayline.serve.env)"`
-    (HAProxy in front of the ingress replicas)."""
-    registry = tmp_path / "registry"
-    register_flights_stumps(registry)
+    """`serve run` as the docs give it: plain, after `eval "$(python -m rayline.serve.env)"`
+    (HAProxy in front of the ingress replicas), and with the registry on S3 (a real server;
+    the replicas read the model from it with the standard AWS variables)."""
+    registry: str | Path = tmp_path / "registry"
+    if path == "s3":
+        registry = f"s3://{os.environ['RAYLINE_S3_BUCKET']}/tests/serve-{uuid.uuid4().hex[:10]}"
+    register_flights_stumps(registry, tmp_path)
     port = free_port()
     config = yaml.safe_load((ROOT / "serve_configs" / "flights.yaml").read_text())
     config["http_options"]["port"] = port  # the only change: a free port for the test

@@ -133,10 +133,18 @@ def replay_csv(
     key_columns: list[str] | None = None,
     na_values: list[str] | None = None,
 ) -> int:
-    """Replay a CSV file as events, in ``order_by`` order (e.g. event time)."""
+    """Replay a CSV file (a path or an ``s3://`` URI) as events, in ``order_by`` order (e.g.
+    event time)."""
     import pandas as pd
 
-    df = pd.read_csv(path, na_values=na_values or ["NA"], keep_default_na=True)
+    from ..storage import ObjectPath, location
+
+    loc = location(path)
+    if isinstance(loc, ObjectPath):
+        with loc.open_input() as f:
+            df = pd.read_csv(f, na_values=na_values or ["NA"], keep_default_na=True)
+    else:
+        df = pd.read_csv(loc, na_values=na_values or ["NA"], keep_default_na=True)
     if order_by:
         df = df.sort_values(order_by, kind="stable")
     if limit:
