@@ -6,12 +6,21 @@
 # scored end to end as a third Ray job: the dashboard's Jobs view shows all three. The cluster, the endpoint and the broker stay up at the end so you can
 # look around; the last lines say how to stop them.
 #
-#   scripts/demo.sh            (scripts/run_example.sh runs this)
+#   scripts/demo.sh                  (scripts/run_example.sh runs this)
+#   scripts/demo.sh --object-store   the same with every location on S3: a local S3 server
+#                                    (scripts/objectstore.sh), the example data uploaded to it
 # Settings: RAYLINE_DEMO_EVENTS (streamed events, default 2000), RAYLINE_TUNE_SAMPLES (trials, 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
 t_start=$(date +%s)
+object_store=0
+for a in "$@"; do
+  case "$a" in
+    --object-store) object_store=1 ;;
+    *) echo "usage: $0 [--object-store]" >&2; exit 2 ;;
+  esac
+done
 step() { printf '\n== [%s, %ds] %s\n' "$(date +%H:%M:%S)" $(( $(date +%s) - t_start )) "$*"; }
 
 step "set-up (.venv, pinned dependencies, example data)"
@@ -21,6 +30,27 @@ export PATH="$root/.venv/bin:$PATH"
 export RAY_AUTH_MODE=token
 addr="http://127.0.0.1:${RAYLINE_DASHBOARD_PORT:-8265}"
 events="${RAYLINE_DEMO_EVENTS:-2000}"
+# Where data, tables, runs, models and stream checkpoints live: local directories, or prefixes of
+# the object store's bucket. The cluster's processes (and so the jobs) get the store's endpoint
+# and credentials from the environment the cluster starts with, never from a job's runtime env.
+base="$root"
+if [ "$object_store" = 1 ]; then
+  step "object store (SeaweedFS S3 on 127.0.0.1) and the example data uploaded to it"
+  scripts/objectstore.sh start
+  eval "$(scripts/objectstore.sh env)"
+  base="s3://$RAYLINE_S3_BUCKET/demo"
+  python - "$root/data/nycflights13" "$base/data/nycflights13" <<'EOF'
+import sys
+
+import pyarrow.fs as pafs
+
+from rayline.storage import location
+
+dst = location(sys.argv[2])
+pafs.copy_files(sys.argv[1], dst.fs_path, destination_filesystem=dst.fs)
+print("uploaded", sys.argv[1], "->", dst)
+EOF
+fi
 
 step "local Ray cluster"
 scripts/cluster.sh up
@@ -28,11 +58,11 @@ scripts/cluster.sh up
 env_json=$(python - <<EOF
 import json
 print(json.dumps({"env_vars": {
-    "RAYLINE_DATA_DIR": "$root/data",
-    "RAYLINE_WAREHOUSE": "$root/warehouse",
-    "RAYLINE_RUN_STORE": "$root/runs",
-    "RAYLINE_REGISTRY": "$root/registry",
-    "RAYLINE_STREAM_CHECKPOINTS": "$root/checkpoints",
+    "RAYLINE_DATA_DIR": "$base/data",
+    "RAYLINE_WAREHOUSE": "$base/warehouse",
+    "RAYLINE_RUN_STORE": "$base/runs",
+    "RAYLINE_REGISTRY": "$base/registry",
+    "RAYLINE_STREAM_CHECKPOINTS": "$base/checkpoints",
     "RAYLINE_TUNE_SAMPLES": "${RAYLINE_TUNE_SAMPLES:-3}",
     "RAYLINE_METRICS_FLUSH_SECONDS": "12",
 }}))
@@ -66,13 +96,13 @@ job pipeline python workloads/batch_pipeline.py --spec pipelines/flights.yaml
 
 step "Ray job 2: train + tune + Spark challenger on the curated table, evaluate, register, gate"
 job train python workloads/train.py --spec pipelines/flights.yaml
-rayline models list --registry "$root/registry"
+rayline models list --registry "$base/registry"
 
 step "serve deploy: the champion behind Ray Serve on 127.0.0.1:8000"
 python - <<EOF
 import yaml
 cfg = yaml.safe_load(open("serve_configs/flights.yaml"))
-cfg["applications"][0]["args"]["registry"] = "$root/registry"
+cfg["applications"][0]["args"]["registry"] = "$base/registry"
 open("$root/.cache/serve-flights.yaml", "w").write(yaml.safe_dump(cfg, sort_keys=False))
 EOF
 serve deploy "$root/.cache/serve-flights.yaml" --address "$addr"
@@ -101,7 +131,7 @@ rayline predict flights_arr_delay "$(python -c "import json,sys; print(json.dump
 
 step "Kafka broker, and $events flights replayed as events"
 scripts/kafka.sh start
-RAYLINE_DATA_DIR="$root/data" rayline stream replay flights --spec pipelines/flights.yaml \
+RAYLINE_DATA_DIR="$base/data" rayline stream replay flights --spec pipelines/flights.yaml \
   --topic flights-events --limit "$events" --rate 2000
 
 step "Ray job 3: the streaming job scores the events with the champion (available-now)"
@@ -110,8 +140,12 @@ echo "three predictions from the topic flights-predictions:"
 rayline stream tail flights-predictions --limit 3 --timeout 5
 
 step "done in $(( $(date +%s) - t_start ))s"
-echo "runs and their HTML reports:  rayline runs list --run-store $root/runs; rayline runs show RUN_ID"
-ls -1d "$root"/runs/*/report.html 2>/dev/null | tail -3 | sed 's/^/  file:\/\//'
+echo "runs and their HTML reports:  rayline runs list --run-store $base/runs; rayline runs show RUN_ID --run-store $base/runs"
+[ "$object_store" = 1 ] || ls -1d "$root"/runs/*/report.html 2>/dev/null | tail -3 | sed 's/^/  file:\/\//'
 echo "dashboard (jobs, Serve, metrics):  $addr"
 echo "predict:  rayline predict flights_arr_delay ROWS_JSON   (API: http://127.0.0.1:8000/docs)"
-echo "stop:     serve shutdown --address $addr -y; scripts/kafka.sh stop; scripts/cluster.sh down"
+if [ "$object_store" = 1 ]; then
+  echo "stop:     serve shutdown --address $addr -y; scripts/kafka.sh stop; scripts/cluster.sh down; scripts/objectstore.sh stop"
+else
+  echo "stop:     serve shutdown --address $addr -y; scripts/kafka.sh stop; scripts/cluster.sh down"
+fi

@@ -10,13 +10,14 @@
 #   scripts/objectstore.sh status   running or not, endpoint and bucket (exit 3 when not running)
 #   scripts/objectstore.sh env      export lines for clients: eval "$(scripts/objectstore.sh env)"
 #
-# Settings (environment): RAYLINE_S3_PORT (S3 API port, default 19333), RAYLINE_OBJECTSTORE_DIR
+# Settings (environment): RAYLINE_S3_PORT (S3 API port, default 20333: above Ray's worker port
+# range 10002-19999, its gRPC ports below the ephemeral range), RAYLINE_OBJECTSTORE_DIR
 # (data, config, credentials, log, pid; default .cache/objectstore/node-<port>), RAYLINE_S3_BUCKET
 # (default rayline), AWS_REGION (default us-east-1). Idempotent: start when running and stop
 # when stopped are no-ops; a restart keeps the data and the credentials.
 #
 # Ports, all on 127.0.0.1 and derived from RAYLINE_S3_PORT: master +1, volume server +2, filer
-# +3, and each one's gRPC port at +10000 (19333-19336 and 29333-29336 by default); instances
+# +3, and each one's gRPC port at +10000 (20333-20336 and 30333-30336 by default); instances
 # need RAYLINE_S3_PORTs at least 4 apart. Off: the Iceberg REST catalog (8181), the Lance
 # namespace server (9101), the metrics port, telemetry, the filer's HTTP API, the embedded IAM/STS
 # API. SeaweedFS's gRPC Unix sockets are /tmp/seaweedfs-<service>-grpc-<gRPC port>.sock.
@@ -35,7 +36,7 @@ module="github.com/seaweedfs/seaweedfs"
 cache="$root/.cache/seaweedfs"
 weed="$cache/weed-$version"
 
-port="${RAYLINE_S3_PORT:-19333}"
+port="${RAYLINE_S3_PORT:-20333}"
 case "$port" in
   '' | *[!0-9]*) echo "objectstore: RAYLINE_S3_PORT must be a port number, not '$port'" >&2; exit 2 ;;
 esac

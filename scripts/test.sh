@@ -17,4 +17,13 @@ export RAYLINE_KAFKA_DIR="${RAYLINE_KAFKA_DIR:-$PWD/.cache/kafka/test-node-$RAYL
 rm -rf "$RAYLINE_KAFKA_DIR"  # a fresh broker: no topics or offsets of earlier runs
 scripts/kafka.sh start
 trap 'scripts/kafka.sh stop' EXIT
+# The object-storage tests need a real S3 server (SeaweedFS, built with Go on first use, about 5
+# minutes, then cached under .cache/): a fresh one for the tests, its credentials exported as
+# the standard AWS variables (for pyarrow, Spark's S3A and delta-rs alike), stopped at the end.
+export RAYLINE_S3_PORT="${RAYLINE_S3_PORT:-20433}"
+export RAYLINE_OBJECTSTORE_DIR="${RAYLINE_OBJECTSTORE_DIR:-$PWD/.cache/objectstore/test-node-$RAYLINE_S3_PORT}"
+rm -rf "$RAYLINE_OBJECTSTORE_DIR"
+scripts/objectstore.sh start
+trap 'scripts/kafka.sh stop; scripts/objectstore.sh stop' EXIT
+eval "$(scripts/objectstore.sh env)"
 .venv/bin/python -m pytest "$@"
