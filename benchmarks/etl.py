@@ -197,8 +197,14 @@ def _spark_local_session(cores: int, out: Path) -> Any:
         os.environ.setdefault("SPARK_LOCAL_IP", cfg.local_ip)
     rayline_conf = spark_conf(cfg, "warehouse")
     # spark.sql.* (shuffle partitions, AQE, time zone, ...) and the console setting; not the
-    # catalog/warehouse, Ray, executor or retry settings (local mode has no executors).
-    skip = {"spark.sql.warehouse.dir", "spark.sql.catalogImplementation"}
+    # catalog/warehouse, Ray, executor or retry settings (local mode has no executors), nor
+    # Delta Lake's extension and catalog (the plain-Spark peer writes plain Parquet, no jars).
+    skip = {
+        "spark.sql.warehouse.dir",
+        "spark.sql.catalogImplementation",
+        "spark.sql.extensions",
+        "spark.sql.catalog.spark_catalog",
+    }
     applied = {
         k: v
         for k, v in rayline_conf.items()

@@ -3,8 +3,8 @@ in the Spark catalog.
 
 The warehouse is a local directory or an object-store URI (``s3://bucket/prefix``); a table lives
 at ``<warehouse>/<table>`` (``db.table`` -> ``<warehouse>/db/table``). Spark reaches ``s3://``
-through Hadoop's S3A connector (as ``s3a://``, see :func:`rayline.session.spark_uri`); pyarrow and
-delta-rs (``deltalake``) keep ``s3://``.
+through Hadoop's S3A connector (as ``s3a://``, see :func:`rayline.storage.spark_path`); pyarrow
+and delta-rs (``deltalake``) keep ``s3://``.
 
 Atomicity is Delta's: data files are written first, under names no reader of the table looks at
 until the commit (one new ``_delta_log/<version>.json``) lists them, so a reader sees the previous
@@ -15,21 +15,34 @@ files beside it (``VACUUM`` removes them). On S3 Delta's default LogStore for ``
 writers of one table from several clusters need the DynamoDB LogStore (``io.delta:delta-storage-s3-
 dynamodb``, ``spark.delta.logStore.s3a.impl=io.delta.storage.S3DynamoDBLogStore``).
 
+How: Delta Lake's own transaction in the driver (``DeltaLog.startTransaction``: the data files
+written by its writer in a Spark job, ``txn.writeFiles``, or already on disk for
+:func:`link_table`; then ``txn.commit``). That is what ``df.write.format("delta")`` does, minus
+the Spark job it runs to list the files an overwrite removes: those come from the previous
+version's log through delta-rs, in this process. This drives delta-spark 3.3's transaction API
+(checked at run time, :data:`DELTA_SPARK_LINE`); an append that adds columns goes through
+``df.write.format("delta")`` with ``mergeSchema``.
+
 Modes: ``overwrite`` is Delta's overwrite (the new version holds only this write's rows, the old
 files stay for time travel until vacuumed; the schema and partitioning may change). ``append``
 adds rows (new columns merged into the schema) and is idempotent under retries: the commit carries
 Delta's transaction identifier ``txnAppId = "<pipeline>/<table>"``, ``txnVersion = <the run's start
 time in ms since the epoch>`` (:func:`txn_version_of`; a resumed run keeps its start time), and
-Delta skips a write whose ``txnVersion`` is not above the last one recorded for that appId. So an
-attempt that retries an append already committed adds nothing; the flip side: resuming an *older*
-run after a newer run of the same pipeline appended to the table adds nothing either (logged).
+a write whose ``txnVersion`` is not above the last one recorded for that appId is skipped (as
+Delta's writer does with the ``txnAppId``/``txnVersion`` options). So an attempt that retries an
+append already committed adds nothing; the flip side: resuming an *older* run after a newer run of
+the same pipeline appended to the table adds nothing either (logged).
 
 :func:`link_table` publishes Parquet files a stage already wrote (the quality stage's kept rows,
 partitioned as the table is) without rewriting them: they are hard-linked (copied across file
-systems or to an object store) into the table's directory under fresh names and added to the
-table by one Delta commit (Delta's own transaction, driven from the driver). Where that is not
-possible (partition columns of other types than integers, strings, dates and booleans, or an
-append that changes the schema) it reads and writes them with Spark instead.
+systems, to or within an object store) into the table's directory under fresh names and added to
+the table by one commit, each with its row count from its footer. Where that is not possible
+(partition columns of other types than integers, strings, dates and booleans, or an append that
+changes the schema) the rows are written by Delta's writer instead.
+
+The result of a publish names the table version it produced (``version``); readers read a
+version through the log (Spark ``format("delta")``, :func:`read_table_arrow`, :func:`delta_table`),
+never all the Parquet files under the directory: an overwrite leaves the old ones there.
 
 Timestamps are written as Parquet INT64 ``TIMESTAMP_MICROS`` (the session sets
 ``spark.sql.parquet.outputTimestampType``), not the legacy INT96.
@@ -64,6 +77,7 @@ __all__ = [
     "storage_options",
     "delta_table",
     "read_table_arrow",
+    "table_snapshot",
     "is_delta_table",
 ]
 
@@ -157,6 +171,19 @@ def is_delta_table(location: str) -> bool:
     return bool(DeltaTable.is_deltatable(_delta_uri(location), storage_options=opts))
 
 
+def table_snapshot(location: str, version: int | None = None) -> tuple[int, str]:
+    """(version, fingerprint) of the Delta table at ``location`` (default: its current version).
+    The fingerprint names the table and that version's data files: equal for two readers of the
+    same version, different after any write."""
+    import hashlib
+
+    table = delta_table(location, version)
+    h = hashlib.sha256(str(table.metadata().id).encode())
+    for name in sorted(u.rsplit("/", 1)[-1] for u in table.file_uris()):
+        h.update(f"\n{name}".encode())
+    return int(table.version()), h.hexdigest()[:16]
+
+
 def read_table_arrow(location: str, version: int | None = None) -> Any:
     """A Delta table's rows at ``version`` (default: current) as a ``pyarrow.Table``, without
     Spark."""
@@ -207,23 +234,45 @@ def write_table(
     """
     _check_partitions(out, list(df.columns))
     loc = table_location(warehouse, out.table)
+    res = _commit(
+        spark,
+        df.schema,
+        out,
+        loc,
+        run_id,
+        pipeline,
+        txn_version,
+        lambda txn: _write_files(spark, df, txn),
+        "written",
+    )
+    if res is not None:
+        return res
+    return _merge_append(spark, df, out, loc, run_id, pipeline, txn_version)
+
+
+def _merge_append(
+    spark: Any,
+    df: Any,
+    out: OutputSpec,
+    loc: str,
+    run_id: str,
+    pipeline: str | None,
+    txn_version: int | None,
+) -> dict[str, Any]:
+    """An append whose columns differ from the table's: Delta's own writer merges the schemas
+    (``mergeSchema``), with the same transaction identifier."""
     sloc = spark_uri(loc)
-    legacy = _adopt_legacy(spark, loc, out, df.schema)
     before = _current_version(spark, sloc)
-    w = df.write.format("delta").mode(out.mode)
-    if out.mode == "overwrite":
-        w = w.option("overwriteSchema", "true")
-    else:
-        w = w.option("mergeSchema", "true")
-        if txn_version is not None:
-            w = w.option("txnAppId", _app_id(pipeline, out)).option("txnVersion", txn_version)
+    w = df.write.format("delta").mode("append").option("mergeSchema", "true")
+    if txn_version is not None:
+        w = w.option("txnAppId", _app_id(pipeline, out)).option("txnVersion", txn_version)
     if out.partition_by:
         w = w.partitionBy(*out.partition_by)
     t0 = time.perf_counter()
     w.save(sloc)
-    version, metrics = _last_commit(spark, sloc)
+    version, metrics = _last_commit(spark, sloc, loc)
     written = int(metrics.get("numOutputRows", 0)) if version != before else 0
-    if out.mode == "append" and version == before:
+    if version == before:
         log.warning(
             "%s: append of run %s skipped: Delta transaction %s already at version >= %s "
             "(a retry of a committed append, or an older run resumed after a newer one)",
@@ -233,16 +282,14 @@ def write_table(
             txn_version,
         )
     log.info(
-        "%s: Delta version %d written in %.1fs (%s rows)",
+        "%s: Delta version %d: appended with new columns merged in %.1fs (%s rows)",
         out.table,
         version,
         time.perf_counter() - t0,
         f"{written:,}",
     )
-    _drop_legacy(loc, legacy)
     _register(spark, out.table, sloc)
-    rows = written if out.mode == "overwrite" else _count(spark, sloc, version)
-    return _result(out, loc, rows, version, written if out.mode == "append" else None)
+    return _result(out, loc, _count(spark, sloc, version, loc), version, written)
 
 
 def _result(
@@ -278,8 +325,9 @@ def link_table(
     directories of ``out.partition_by`` below it, or the files themselves) as the Delta table
     ``out.table`` without rewriting them (see the module docstring), and register it.
 
-    ``schema``: the rows' Spark schema (partition columns included); ``rows``: their count when
-    known (else read from the footers); ``df``: the same rows as a DataFrame, written with
+    ``schema``: the rows' Spark schema (partition columns included); ``rows``: unused (each
+    file's count comes from its footer: Delta's statistics need it per file); ``df``: the same
+    rows as a DataFrame, written with
     :func:`write_table` when the files cannot be added as they are (else read from ``dirs``).
     Returns what :func:`write_table` returns.
     """
@@ -384,16 +432,29 @@ def _current_version(spark: Any, sloc: str) -> int:
     return int(_delta_log(spark, sloc).startTransaction().readVersion())
 
 
-def _last_commit(spark: Any, sloc: str) -> tuple[int, dict[str, str]]:
-    """(version, operation metrics) of the table's latest commit."""
-    from delta.tables import DeltaTable
+def _last_commit(spark: Any, sloc: str, loc: str) -> tuple[int, dict[str, str]]:
+    """(version, operation metrics) of the table's latest commit: the version from the Delta
+    log's listing, the metrics from that commit's ``commitInfo`` (the log file itself; Delta's
+    ``history()`` would run a Spark job for it)."""
+    version = _current_version(spark, sloc)
+    commit = _location(loc) / "_delta_log" / f"{version:020d}.json"
+    for line in commit.read_text().splitlines():
+        info = json.loads(line).get("commitInfo") if line.strip() else None
+        if info is not None:
+            return version, dict(info.get("operationMetrics") or {})
+    return version, {}
 
-    row = DeltaTable.forPath(spark, sloc).history(1).collect()[0]
-    return int(row["version"]), dict(row["operationMetrics"] or {})
 
+def _count(spark: Any, sloc: str, version: int, loc: str | None = None) -> int:
+    """The table's rows at ``version``: the sum of its files' ``numRecords`` statistics, listed
+    by delta-rs (no Spark job); counted by Spark where a file has none."""
+    if loc is not None:
+        import pyarrow as pa
 
-def _count(spark: Any, sloc: str, version: int) -> int:
-    # answered from the commit's per-file statistics (numRecords), no scan
+        adds = pa.table(delta_table(loc, version).get_add_actions(flatten=True))
+        records = adds.column("num_records").to_pylist() if adds.num_rows else []
+        if all(r is not None for r in records):
+            return int(sum(records))
     return int(spark.read.format("delta").option("versionAsOf", version).load(sloc).count())
 
 
@@ -423,6 +484,48 @@ def _all_nullable(t: Any) -> Any:
         t["keyType"] = _all_nullable(t["keyType"])
         t["valueType"] = _all_nullable(t["valueType"])
     return t
+
+
+# Delta partition value strings of these types are what str() (bool: lower-case) gives.
+_PLAIN_PARTITION_TYPES = {"string", "integer", "long", "short", "byte", "date", "boolean"}
+
+
+def _removes(
+    loc: str, version: int, metadata: dict[str, Any], protocol: dict[str, Any]
+) -> list[dict[str, Any]] | None:
+    """RemoveFile actions for every file of ``version``, listed by delta-rs (in this process, no
+    Spark job); None where Delta's own listing is needed (deletion vectors, partition columns
+    whose value strings are not plain)."""
+    features = set(protocol.get("protocol", protocol).get("readerFeatures") or [])
+    if "deletionVectors" in features:
+        return None
+    fields = {f["name"]: f["type"] for f in json.loads(metadata["schemaString"])["fields"]}
+    parts = list(metadata.get("partitionColumns") or [])
+    if any(fields.get(c) not in _PLAIN_PARTITION_TYPES for c in parts):
+        return None
+
+    def text(v: Any) -> str | None:
+        if v is None:
+            return None
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return v.isoformat() if hasattr(v, "isoformat") else str(v)
+
+    import pyarrow as pa
+
+    adds = pa.table(delta_table(loc, version).get_add_actions(flatten=False)).to_pylist()
+    now = int(time.time() * 1000)
+    return [
+        {
+            "path": a["path"],
+            "deletionTimestamp": now,
+            "dataChange": True,
+            "extendedFileMetadata": True,
+            "partitionValues": {c: text((a.get("partition") or {}).get(c)) for c in parts},
+            "size": int(a["size_bytes"]),
+        }
+        for a in adds
+    ]
 
 
 def _place(files: list[_File], loc: str) -> list[str]:
@@ -472,19 +575,23 @@ def _row_counts(files: list[_File]) -> list[int]:
         return list(pool.map(rows, files))
 
 
-def _commit_files(
+def _commit(
     spark: Any,
-    files: list[_File],
     schema: Any,
     out: OutputSpec,
     loc: str,
     run_id: str,
     pipeline: str | None,
     txn_version: int | None,
+    add: Any,
+    how: str,
 ) -> dict[str, Any] | None:
-    """Add ``files`` to the Delta table at ``loc`` in one commit (overwrite: and remove every
-    file of the current version). None (nothing done) for an append that would change the
-    table's schema: that is :func:`write_table`'s (mergeSchema)."""
+    """One Delta commit of the table at ``loc`` through Delta's transaction API: the table's
+    metadata (created, or replaced by an overwrite whose schema or partitioning differs),
+    ``add(txn)`` -> (the new files' actions, their rows, how many), for an overwrite a
+    RemoveFile of every file of the current version, and for an idempotent append the
+    ``SetTransaction``. None (nothing done) for an append that would change the table's schema:
+    that is Delta's writer's (mergeSchema)."""
     t0 = time.perf_counter()
     jvm = spark._jvm
     delta = jvm.org.apache.spark.sql.delta
@@ -496,7 +603,6 @@ def _commit_files(
     txn = delta_log.startTransaction()
     before = int(txn.readVersion())
     app_id = _app_id(pipeline, out)
-    actions = []
     if before >= 0:
         current = json.loads(txn.metadata().json())["metaData"]
         same = _all_nullable(json.loads(current["schemaString"])) == table_schema and list(
@@ -517,7 +623,7 @@ def _commit_files(
                 txn_version,
             )
             _register(spark, out.table, sloc)
-            return _result(out, loc, _count(spark, sloc, before), before, 0)
+            return _result(out, loc, _count(spark, sloc, before, loc), before, 0)
     if current is None or not same:
         meta = dict(current or {})
         meta.setdefault("id", str(uuid.uuid4()))
@@ -528,29 +634,23 @@ def _commit_files(
         meta["partitionColumns"] = list(out.partition_by)
         metadata = delta.actions.Action.fromJson(json.dumps({"metaData": meta}))
         if current is None:
+            delta_log.createLogDirectoriesIfNotExists()
             txn.updateMetadata(metadata, False)
         else:
             txn.updateMetadataForTableOverwrite(metadata)
+    actions = []
     if out.mode == "overwrite" and before >= 0:
-        actions += [
-            f.remove() for f in jvm.scala.collection.JavaConverters.seqAsJavaList(txn.filterFiles())
-        ]
+        removes = _removes(loc, before, current or {}, json.loads(txn.protocol().json()))
+        if removes is not None:
+            actions += [delta.actions.Action.fromJson(json.dumps({"remove": r})) for r in removes]
+        else:  # Delta's own listing (a Spark job reconstructing the version's state)
+            listed = jvm.scala.collection.JavaConverters.seqAsJavaList(txn.filterFiles())
+            actions += [a.remove() for a in listed]
 
-    counts = _row_counts(files)
-    rels = _place(files, loc)
-    now = int(time.time() * 1000)
-    hadoop_path = jvm.org.apache.hadoop.fs.Path
-    for f, rel, n in zip(files, rels, counts, strict=True):
-        add = {
-            "path": str(hadoop_path(rel).toUri().toString()),
-            "partitionValues": f.values,
-            "size": f.size,
-            "modificationTime": now,
-            "dataChange": True,
-            "stats": json.dumps({"numRecords": n}),
-        }
-        actions.append(delta.actions.Action.fromJson(json.dumps({"add": add})))
+    added, written, n_files = add(txn)
+    actions += added
     if txn_version is not None:
+        now = int(time.time() * 1000)
         txn_action = {"appId": app_id, "version": txn_version, "lastUpdated": now}
         actions.append(delta.actions.Action.fromJson(json.dumps({"txn": txn_action})))
     save_mode = jvm.org.apache.spark.sql.SaveMode.valueOf(
@@ -564,12 +664,12 @@ def _commit_files(
         option.apply(None),
     )
     version = int(txn.commit(_jvm_seq(spark, actions), operation))
-    written = sum(counts)
     log.info(
-        "%s: Delta version %d: %d file(s) of run %s added in %.2fs (%s rows, not rewritten)",
+        "%s: Delta version %d: %d file(s) %s by run %s in %.2fs (%s rows)",
         out.table,
         version,
-        len(files),
+        n_files,
+        how,
         run_id,
         time.perf_counter() - t0,
         f"{written:,}",
@@ -578,7 +678,56 @@ def _commit_files(
     _register(spark, out.table, sloc)
     if out.mode == "overwrite":
         return _result(out, loc, written, version, None)
-    return _result(out, loc, _count(spark, sloc, version), version, written)
+    return _result(out, loc, _count(spark, sloc, version, loc), version, written)
+
+
+def _commit_files(
+    spark: Any,
+    files: list[_File],
+    schema: Any,
+    out: OutputSpec,
+    loc: str,
+    run_id: str,
+    pipeline: str | None,
+    txn_version: int | None,
+) -> dict[str, Any] | None:
+    """Add ``files`` (already written) to the table in one commit, see :func:`_commit`."""
+
+    def add(txn: Any) -> tuple[list[Any], int, int]:
+        delta = spark._jvm.org.apache.spark.sql.delta
+        counts = _row_counts(files)
+        rels = _place(files, loc)
+        now = int(time.time() * 1000)
+        hadoop_path = spark._jvm.org.apache.hadoop.fs.Path
+        actions = []
+        for f, rel, n in zip(files, rels, counts, strict=True):
+            entry = {
+                "path": str(hadoop_path(rel).toUri().toString()),
+                "partitionValues": f.values,
+                "size": f.size,
+                "modificationTime": now,
+                "dataChange": True,
+                "stats": json.dumps({"numRecords": n}),
+            }
+            actions.append(delta.actions.Action.fromJson(json.dumps({"add": entry})))
+        return actions, sum(counts), len(files)
+
+    return _commit(
+        spark, schema, out, loc, run_id, pipeline, txn_version, add, "linked (not rewritten)"
+    )
+
+
+def _write_files(spark: Any, df: Any, txn: Any) -> tuple[list[Any], int, int]:
+    """Delta's writer for the transaction's table (a Spark job: data files under their final
+    names, with statistics); the AddFile actions, their rows, how many."""
+    written = spark._jvm.scala.collection.JavaConverters.seqAsJavaList(txn.writeFiles(df._jdf))
+    actions = list(written)
+    rows = 0
+    for a in actions:
+        stats = a.stats() if a.getClass().getSimpleName() == "AddFile" else None
+        if stats:
+            rows += int(json.loads(stats).get("numRecords") or 0)
+    return actions, rows, len(actions)
 
 
 # -- tables written before Rayline used Delta -----------------------------------------------------

@@ -504,21 +504,21 @@ def _write_both(
 
 
 def _reason_counts(spark: Any, path: str, version: int | None = None) -> dict[str, int]:
-    """Quarantined rows per reason, counted from the written Delta table (at ``version``, the
-    one this run published)."""
-    from pyspark.sql import functions as F
+    """Quarantined rows per reason, counted from the written Delta table at ``version`` (the
+    one this run published), read with delta-rs batch by batch (only the reasons column; no
+    Spark job)."""
+    import pyarrow.compute as pc
 
-    reader = spark.read.format("delta")
-    if version is not None:
-        reader = reader.option("versionAsOf", version)
-    rows = (
-        reader.load(spark_path(path))
-        .select(F.explode(F.col(REASONS)).alias("r"))
-        .groupBy("r")
-        .count()
-        .collect()
-    )
-    return {r["r"]: int(r["count"]) for r in rows}
+    from .outputs import delta_table
+
+    counts: dict[str, int] = {}
+    dataset = delta_table(path, version).to_pyarrow_dataset()
+    for batch in dataset.to_batches(columns=[REASONS]):
+        flat = pc.list_flatten(batch.column(0))
+        if len(flat):
+            for item in pc.value_counts(flat).to_pylist():
+                counts[item["values"]] = counts.get(item["values"], 0) + int(item["counts"])
+    return counts
 
 
 @contextlib.contextmanager

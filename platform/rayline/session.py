@@ -235,6 +235,10 @@ def spark_conf(
         "spark.sql.extensions": DELTA_EXTENSION,
         "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        # Delta reconstructs a table version's file list with a Spark job of this many
+        # partitions (default 50: most of an overwrite's cost on a few cores, for tables of tens
+        # of files).
+        "spark.databricks.delta.snapshotPartitions": str(max(2, cores)),
         **s3a_conf(),
     }
     if cfg.enable_hive:

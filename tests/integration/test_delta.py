@@ -204,3 +204,28 @@ def test_an_older_plain_parquet_table_is_replaced_or_converted(spark, tmp_path, 
             assert len(data_files(loc)) == len(
                 spark.read.format("delta").load(str(loc)).inputFiles()
             )
+
+
+def test_schema_and_partitioning_change_with_overwrite_and_append(spark, tmp_path):
+    from pyspark.sql import functions as F
+
+    wh = tmp_path / "wh"
+    out = OutputSpec(table="delta_evolve", partition_by=["month"])
+    write_table(spark, frame(spark, range(5), "a"), out, wh, "r1")
+    # overwrite: another partitioning, a new column, a dropped one
+    wider = frame(spark, range(10, 13), "b").withColumn("extra", F.lit(1.5)).drop("at")
+    res = write_table(spark, wider, out.model_copy(update={"partition_by": ["tag"]}), wh, "r2")
+    loc = table_location(wh, out.table)
+    t = read_table_arrow(loc)
+    assert res["version"] == 1 and sorted(t.column_names) == ["extra", "id", "month", "tag"]
+    assert sorted(t["id"].to_pylist()) == [10, 11, 12]
+    assert spark.read.format("delta").load(loc).count() == 3
+    # append with one more column: merged into the schema, older rows get nulls
+    more = wider.withColumn("note", F.lit("x"))
+    app = out.model_copy(update={"partition_by": ["tag"], "mode": "append"})
+    res = write_table(spark, more, app, wh, "r3", pipeline="p", txn_version=5)
+    again = write_table(spark, more, app, wh, "r3", pipeline="p", txn_version=5)
+    assert (res["version"], res["rows"], res["rows_written"]) == (2, 6, 3)
+    assert (again["version"], again["rows"], again["rows_written"]) == (2, 6, 0)
+    t = read_table_arrow(loc)
+    assert sorted(t["note"].to_pylist(), key=str) == [None, None, None, "x", "x", "x"]

@@ -164,7 +164,9 @@ def test_partitioned_output_is_complete(flights_run):
     path = Path(result.record["outputs"]["curated"]["path"])
     months = {p.name for p in path.iterdir() if p.name.startswith("month=")}
     assert months == {f"month={m}" for m in range(1, 13)}
-    assert (path / "_SUCCESS").exists()
+    # complete = committed: a Delta table whose first version lists every month's files
+    assert (path / "_delta_log" / f"{0:020d}.json").exists()
+    assert result.record["outputs"]["curated"]["version"] == 0
     staging = Path(path.parent, "_staging")
     assert (
         not any(p.name.startswith("flights_curated") for p in staging.iterdir())

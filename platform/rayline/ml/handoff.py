@@ -7,8 +7,8 @@ Two ways to get the curated table as a ``ray.data.Dataset``:
   memory; the driver maps each file and puts it in Ray's object store. The dataset is
   materialized before returning, its blocks owned by this driver, so it stays available after
   Spark stops. No Parquet round trip (``benchmarks/handoff.py`` measures both).
-- :func:`table_to_ray`: in a separate job, from the table's Parquet files in the warehouse,
-  with the partition columns restored to their written types.
+- :func:`table_to_ray`: in a separate job, from the Delta table in the warehouse (the files of
+  one table version, listed by delta-rs), with Spark's column types.
 
 Both give the same rows and column types (an integration test compares them).
 """
@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..outputs import SCHEMA_FILE
 from .features import FeatureError
 from .spec import MLSpec
 
@@ -34,20 +33,6 @@ log = logging.getLogger("rayline")
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_COL = "_rayline_split"
-
-# Spark simple-string types -> the Arrow types a partition directory name is cast to.
-_ARROW_OF_SPARK = {
-    "tinyint": "int8",
-    "smallint": "int16",
-    "int": "int32",
-    "bigint": "int64",
-    "float": "float32",
-    "double": "float64",
-    "boolean": "bool",
-    "string": "string",
-    "date": "date32",
-}
-
 
 # Blocks of the handed-off dataset: at most this many bytes of Arrow data each (Ray Data's own
 # default target is 128 MiB; smaller blocks give downstream operators more parallelism).
@@ -303,41 +288,53 @@ def _materialized(blocks: list[tuple[Any, Any]]) -> Any:
     return MaterializedDataset(LogicalPlan(FromArrow(refs, metas), ctx), ctx, stats)
 
 
-def table_to_ray(path: str | Path) -> Any:
-    """Read a curated table written by Rayline from the warehouse as a Ray Dataset.
+def table_to_ray(path: str | Path, version: int | None = None) -> Any:
+    """Read a curated table written by Rayline (a Delta table) as a Ray Dataset.
 
     Args:
-        path: The table's directory (``<warehouse>/<table>``).
+        path: The table's location (``<warehouse>/<table>``: a directory or an ``s3://`` URI).
+        version: The Delta version to read (default: the current one). Only that version's
+            files are read, never the files an overwrite left for time travel.
 
     Returns:
-        A lazy ``ray.data.Dataset`` with the partition columns cast to their written types.
+        A lazy ``ray.data.Dataset`` with the columns in the table's order and the Arrow types
+        Spark's conversion (:func:`spark_to_ray`) gives.
 
     Raises:
-        FileNotFoundError: no such table, or it was not written completely.
+        FileNotFoundError: no Delta table there (not written yet, or by a Rayline before tables
+            were Delta tables: run the pipeline again).
     """
     import pyarrow as pa
     import ray.data
 
-    p = Path(path)
-    schema_file = p / SCHEMA_FILE
-    if not p.is_dir() or not schema_file.exists():
+    from ..outputs import delta_table, is_delta_table, storage_options
+    from ..storage import is_uri
+
+    loc = str(path)
+    if not is_delta_table(loc):
         raise FileNotFoundError(
-            f"{p}: no complete Rayline table here (missing {SCHEMA_FILE}); run the pipeline first"
+            f"{loc}: no Delta table here; run the pipeline first (a table written before "
+            "Rayline's tables were Delta tables is replaced by the next run)"
         )
-    meta = json.loads(schema_file.read_text())
-    types = dict(meta["columns"])
-    part = meta.get("partition_by") or []
+    table = delta_table(loc, version)
+    fields = json.loads(table.schema().to_json())["fields"]
     # Ray Data's v2 Parquet reader runs its listing in actors that fail to load
     # ("Expected str or bytes, got NoneType") once RayDP's conversion tasks have switched
     # pooled workers to load_code_from_local; the v1 reader has no such actors.
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    ds = ray.data.read_parquet(str(p), file_extensions=["parquet"])
-    # Partition values come back as directory-name strings, and Spark's INT96 timestamps as
-    # naive nanoseconds: give both the types the handoff (Spark's Arrow conversion) has.
-    casts = {c: pa.type_for_alias(_ARROW_OF_SPARK.get(types[c], "string")) for c in part}
-    casts |= {c: pa.timestamp("us", tz="UTC") for c, t in types.items() if t == "timestamp"}
-    casts |= {c: pa.timestamp("us") for c, t in types.items() if t == "timestamp_ntz"}
-    order = [name for name, _ in meta["columns"]]
+    uri = "s3://" + loc.split("://", 1)[1] if loc.startswith("s3a://") else loc
+    ds = ray.data.read_delta(
+        uri,
+        version=table.version(),
+        storage_options=storage_options() if is_uri(loc) else None,
+    )
+    arrow = _arrow_types()
+    casts = {
+        f["name"]: arrow[f["type"]]()
+        for f in fields
+        if isinstance(f["type"], str) and f["type"] in arrow
+    }
+    order = [f["name"] for f in fields]
 
     def restore(t: pa.Table) -> pa.Table:
         for c, typ in casts.items():
@@ -347,6 +344,26 @@ def table_to_ray(path: str | Path) -> Any:
         return t.select([c for c in order if c in t.column_names])
 
     return ds.map_batches(restore, batch_format="pyarrow", batch_size=None)
+
+
+def _arrow_types() -> dict[str, Any]:
+    """Delta schema type names -> the Arrow type Spark's Arrow conversion gives."""
+    import pyarrow as pa
+
+    return {
+        "byte": pa.int8,
+        "short": pa.int16,
+        "integer": pa.int32,
+        "long": pa.int64,
+        "float": pa.float32,
+        "double": pa.float64,
+        "boolean": pa.bool_,
+        "string": pa.string,
+        "binary": pa.binary,
+        "date": pa.date32,
+        "timestamp": lambda: pa.timestamp("us", tz="UTC"),
+        "timestamp_ntz": lambda: pa.timestamp("us"),
+    }
 
 
 def _assign(batch: pd.DataFrame, spec: MLSpec, keys: list[str]) -> pd.DataFrame:

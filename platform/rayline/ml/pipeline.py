@@ -44,6 +44,7 @@ class MLRunInfo:
     code_version: str
     table: str | None = None
     table_path: str | None = None
+    table_version: int | None = None  # the Delta version of the table that was read
     data_fingerprint: str | None = None
     quality: dict[str, Any] | None = None  # {"verdict", "run_id", "failed_rules", ...}
     extra: dict[str, Any] = field(default_factory=dict)
@@ -280,6 +281,7 @@ def run_ml(
             "data": {
                 "table": info.table,
                 "path": info.table_path,
+                "version": info.table_version,
                 "fingerprint": info.data_fingerprint,
                 "rows": counts,
             },

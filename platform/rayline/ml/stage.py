@@ -13,15 +13,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from ..config import PipelineSpec, QualityStage, SpecError
 from ..lineage import LineageLog, dataset
-from ..outputs import table_path
+from ..outputs import is_delta_table, table_location, table_snapshot
 from ..preflight import check_locations
 from ..runstore import RunStore, now_iso
-from .pipeline import MLRunInfo, run_ml, table_fingerprint
+from ..storage import location, spark_path
+from .pipeline import MLRunInfo, run_ml
 
 __all__ = ["train_after_publish", "train_from_table", "quality_of_run"]
 
@@ -153,7 +153,8 @@ def train_after_publish(run: Any, ctx: Any, df: Any) -> None:
             code_version=run.record["code_version"],
             table=cur["table"],
             table_path=cur["path"],
-            data_fingerprint=table_fingerprint(cur["path"]),
+            table_version=cur.get("version"),
+            data_fingerprint=table_snapshot(cur["path"], cur.get("version"))[1],
             quality=quality_of_run(run.store, run.record, spec),
         )
         holder["report"] = run_ml(ds, ml, info, spark_df=df if ml.spark_model else None)
@@ -165,7 +166,8 @@ def _latest_producer(store: RunStore, spec: PipelineSpec, path: str) -> dict[str
         if (
             rec.get("status") == "succeeded"
             and rec.get("pipeline") == spec.name
-            and (str(Path(out.get("path", "")).resolve()) == str(Path(path).resolve()))
+            and out.get("path")
+            and str(location(out["path"])) == str(location(path))
         ):
             return rec
     return None
@@ -192,17 +194,20 @@ def train_from_table(
     check_locations(spec, sources=False, registry=True)
     ml = spec.ml
     table = ml.input_table or spec.outputs.curated.table
-    path = table_path(spec.warehouse, table)
-    if not (path / "_rayline_schema.json").exists():
+    path = table_location(spec.warehouse, table)
+    if not is_delta_table(path):
         raise SpecError(
-            f"ml.input_table: table {table!r} not found (complete) at {path}; "
-            "run the pipeline first"
+            f"ml.input_table: no Delta table {table!r} at {path}; run the pipeline first "
+            "(a table written before Rayline's tables were Delta tables is replaced by the next "
+            "run)"
         )
+    # One version for everything this run reads (Ray Data and the Spark challenger), recorded.
+    version, fingerprint = table_snapshot(path)
     store = RunStore(spec.run_store)
     run = _Run(spec, store, spec_path, resume, [("train", "ml")])
-    producer = _latest_producer(store, spec, str(path))
+    producer = _latest_producer(store, spec, path)
     lineage = LineageLog(run.run_dir, spec.name, run.run_id, run.record["code_version"])
-    inputs = [dataset("file", str(path), table=table, fingerprint=table_fingerprint(path))]
+    inputs = [dataset("file", path, table=table, fingerprint=fingerprint)]
     log.info("run %s: training on %s (record: %s)", run.run_id, table, run.run_dir / "run.json")
     try:
         with ray_session(spec.session), _recorded(run, lineage, inputs, ml.model_dump()) as holder:
@@ -212,16 +217,22 @@ def train_from_table(
                 pipeline=spec.name,
                 code_version=run.record["code_version"],
                 table=table,
-                table_path=str(path),
-                data_fingerprint=table_fingerprint(path),
+                table_path=path,
+                table_version=version,
+                data_fingerprint=fingerprint,
                 quality=quality_of_run(store, producer, spec)
                 if producer
                 else {"verdict": None, "note": "no succeeded run of this pipeline wrote the table"},
             )
-            ds = table_to_ray(path)
+            ds = table_to_ray(path, version)
             if ml.spark_model is not None:
                 with spark_on_ray(spec.session, spec.warehouse) as spark:
-                    holder["report"] = run_ml(ds, ml, info, spark_df=spark.read.parquet(str(path)))
+                    table_df = (
+                        spark.read.format("delta")
+                        .option("versionAsOf", version)
+                        .load(spark_path(path))
+                    )
+                    holder["report"] = run_ml(ds, ml, info, spark_df=table_df)
             else:
                 holder["report"] = run_ml(ds, ml, info)
             from .. import metrics

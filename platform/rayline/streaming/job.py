@@ -1,6 +1,6 @@
 """The streaming job: Kafka events through the spec's transform steps and row rules on Spark
 Structured Streaming (RayDP), scored by the registered model, with a dead-letter topic, and
-event-time window aggregates in the warehouse.
+event-time window aggregates in the warehouse (a Delta table).
 
 Per micro-batch (``foreachBatch``):
 
@@ -112,6 +112,30 @@ def _check_window_table(path: Loc, checkpoint: Loc, table: str) -> None:
             f"{checkpoint} is new: appending would skip micro-batches. Restore that checkpoint, "
             "or move the table away (or set a new window.table) to start it afresh"
         )
+
+
+def _window_table_to_delta(spark: Any, path: Loc, table: str) -> None:
+    """A window table written by an earlier Rayline with Spark's Parquet file sink (and whose
+    checkpoint is still there, see :func:`_check_window_table`) becomes a Delta table in place
+    before the query continues into it: ``CONVERT TO DELTA`` takes the files the sink's
+    ``_spark_metadata`` log lists. The sink log is removed afterwards so that no reader takes it
+    for the table's file list."""
+    from ..storage import remove_tree
+
+    sink_log = path / "_spark_metadata"
+    if not sink_log.is_dir() or (path / "_delta_log").is_dir():
+        return
+    if not any(f.name.split(".")[0].isdigit() for f in sink_log.glob("*")):
+        remove_tree(sink_log)  # no output yet
+        return
+    log.warning(
+        "window table %r (%s) was written as plain Parquet by an earlier Rayline: converting it "
+        "to a Delta table in place",
+        table,
+        path,
+    )
+    spark.sql(f"CONVERT TO DELTA parquet.`{spark_path(path)}`")
+    remove_tree(sink_log)
 
 
 class StreamJob:
@@ -616,7 +640,7 @@ class StreamJob:
     def _window_query(self, parsed: Any, available_now: bool) -> Any:
         from pyspark.sql import functions as F
 
-        from ..outputs import table_path
+        from ..outputs import table_location
 
         win = self.s.window
         assert win is not None
@@ -638,12 +662,16 @@ class StreamJob:
                 ],
             )
         )
-        path = table_path(self.spec.warehouse, win.table)
+        path = table_location(self.spec.warehouse, win.table)
         _check_window_table(location(path), self.cp / "window", win.table)
+        _window_table_to_delta(self.spark, location(path), win.table)
+        # A Delta table: each micro-batch one commit, exactly once (Delta's sink records the
+        # query id and batch id in the commit); readers read the table's log, never a file of a
+        # batch that failed.
         w = (
-            out.writeStream.format("parquet")
+            out.writeStream.format("delta")
             .outputMode("append")
-            .option("path", str(path))
+            .option("path", spark_path(path))
             .option("checkpointLocation", spark_path(self.cp / "window"))
         )
         every = max(win.trigger_seconds, self.s.trigger_seconds)
