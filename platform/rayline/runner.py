@@ -35,7 +35,7 @@ from .config import (
 from .context import QUARANTINE_COLUMNS, REASONS, RunContext, StageError
 from .lineage import LineageLog, dataset
 from .outputs import link_table, txn_version_of, write_table
-from .preflight import check_locations
+from .preflight import check_locations, check_shared
 from .runstore import RunStore, now_iso
 from .stages import analytics, quality, schema, transform
 from .storage import Loc, spark_path
@@ -528,7 +528,7 @@ def _maybe_session(spark: Any, spec: PipelineSpec) -> Iterator[Any]:
         return
     from .session import spark_on_ray
 
-    with spark_on_ray(spec.session, spec.warehouse) as s:
+    with spark_on_ray(spec.session, spec.warehouse, on_connect=lambda: check_shared(spec)) as s:
         yield s
 
 

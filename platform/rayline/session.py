@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -325,7 +325,9 @@ def _connect_ray(cfg: SessionConfig) -> bool:
 
 @contextlib.contextmanager
 def spark_on_ray(
-    cfg: SessionConfig, warehouse: str | os.PathLike[str] = "warehouse"
+    cfg: SessionConfig,
+    warehouse: str | os.PathLike[str] = "warehouse",
+    on_connect: Callable[[], None] | None = None,
 ) -> Iterator[Any]:
     """Start Spark inside Ray with RayDP and yield the SparkSession.
 
@@ -335,6 +337,8 @@ def spark_on_ray(
     Args:
         cfg: Session settings (executors, cores, memory, Ray address).
         warehouse: Directory of output tables and of the embedded metastore.
+        on_connect: Called once Ray is connected, before Spark starts (a check that needs
+            the cluster, such as :func:`rayline.preflight.check_shared`).
 
     Yields:
         A ``pyspark.sql.SparkSession`` whose executors are Ray actors.
@@ -361,6 +365,8 @@ def spark_on_ray(
         )
     try:
         started_ray = _connect_ray(cfg)
+        if on_connect is not None:
+            on_connect()  # e.g. refuse node-local locations on a multi-node cluster
         t1 = time.perf_counter()
         # After ray.init, which installs a SIGTERM handler of its own that exits at once.
         with _sigterm_as_interrupt():
@@ -392,12 +398,15 @@ def spark_on_ray(
 
 
 @contextlib.contextmanager
-def ray_session(cfg: SessionConfig) -> Iterator[None]:
-    """Connect to (or start) Ray without Spark; shut it down on exit if this call started it."""
+def ray_session(cfg: SessionConfig, on_connect: Callable[[], None] | None = None) -> Iterator[None]:
+    """Connect to (or start) Ray without Spark; shut it down on exit if this call started it.
+    ``on_connect`` runs once connected (inside the shutdown guard)."""
     import ray
 
     started = _connect_ray(cfg)
     try:
+        if on_connect is not None:
+            on_connect()
         yield
     finally:
         if started:

@@ -110,3 +110,25 @@ def test_unknown_scheme_in_a_spec_names_the_key(tmp_path):
     spec = _spec(tmp_path, str(tmp_path / "a.csv"), warehouse="hdfx://nn/wh")
     with pytest.raises(StorageError, match=r"^warehouse: .*unknown scheme 'hdfx'"):
         check_locations(spec)
+
+
+def test_node_local_locations_refused_on_a_multi_node_cluster(tmp_path, monkeypatch):
+    import ray
+
+    from rayline.preflight import check_shared
+
+    spec = _spec(tmp_path, "s3://bkt/data/a.csv", warehouse="s3://bkt/wh")
+    nodes = [{"Alive": True}] * 3
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    with pytest.raises(StorageError) as e:
+        check_shared(spec)
+    msg = str(e.value)
+    assert "3 nodes" in msg and "run_store: " in msg and str(tmp_path / "runs") in msg
+    assert "warehouse" not in msg and "sources.s" not in msg  # those are on S3
+    assert "s3://bucket/prefix" in msg
+
+    shared = _spec(tmp_path, "s3://bkt/data/a.csv", warehouse="s3://bkt/wh", run_store="s3://b/r")
+    check_shared(shared)  # every location shared: fine
+    nodes[1:] = [{"Alive": False}, {"Alive": False}]
+    check_shared(spec)  # one live node: local paths are fine

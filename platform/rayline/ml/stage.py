@@ -18,7 +18,7 @@ from typing import Any
 from ..config import PipelineSpec, QualityStage, SpecError
 from ..lineage import LineageLog, dataset
 from ..outputs import is_delta_table, table_location, table_snapshot
-from ..preflight import check_locations
+from ..preflight import check_locations, check_shared
 from ..runstore import RunStore, now_iso
 from ..storage import location, spark_path
 from .pipeline import MLRunInfo, run_ml
@@ -210,7 +210,11 @@ def train_from_table(
     inputs = [dataset("file", path, table=table, fingerprint=fingerprint)]
     log.info("run %s: training on %s (record: %s)", run.run_id, table, run.run_dir / "run.json")
     try:
-        with ray_session(spec.session), _recorded(run, lineage, inputs, ml.model_dump()) as holder:
+        shared = lambda: check_shared(spec, sources=False, registry=True)  # noqa: E731
+        with (
+            ray_session(spec.session, on_connect=shared),
+            _recorded(run, lineage, inputs, ml.model_dump()) as holder,
+        ):
             info = MLRunInfo(
                 run_id=run.run_id,
                 run_dir=run.run_dir,

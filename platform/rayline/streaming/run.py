@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from ..config import PipelineSpec, SpecError
-from ..preflight import check_locations
+from ..preflight import check_locations, check_shared
 
 __all__ = ["run_stream", "session_with_kafka"]
 
@@ -136,7 +136,8 @@ def run_stream(
         if spark is not None:
             body(spark)
         else:
-            with spark_on_ray(session_with_kafka(spec), spec.warehouse) as s:
+            shared = lambda: check_shared(spec, sources=False, registry=True, stream=True)  # noqa: E731
+            with spark_on_ray(session_with_kafka(spec), spec.warehouse, on_connect=shared) as s:
                 body(s)
     except (KeyboardInterrupt, SystemExit):
         stop_requested.append(signal.SIGINT)
