@@ -132,6 +132,14 @@ def s3a_conf(environ: Any = None) -> dict[str, str]:
         "spark.hadoop.fs.s3a.aws.credentials.provider": S3A_CREDENTIAL_PROVIDERS,
         # s3:// paths (a user's sources) through S3A too; Rayline itself maps them to s3a://.
         "spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+        # An unreachable store fails a call in about a minute, not after Hadoop's defaults (20
+        # SDK attempts inside each of 7 S3A retries: a publish hung for over 7 minutes with the
+        # store stopped). Throttling (503 SlowDown) keeps its own, longer budget
+        # (fs.s3a.retry.throttle.*); every value can be overridden in session.spark_conf.
+        "spark.hadoop.fs.s3a.attempts.maximum": "2",
+        "spark.hadoop.fs.s3a.retry.limit": "4",
+        "spark.hadoop.fs.s3a.retry.interval": "1s",
+        "spark.hadoop.fs.s3a.connection.establish.timeout": "5000",
     }
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     if endpoint:
@@ -203,11 +211,19 @@ def _metastore_dir(warehouse: str | os.PathLike[str]) -> Path:
 
 
 def spark_conf(
-    cfg: SessionConfig, warehouse: str | os.PathLike[str], jars: list[str] | None = None
+    cfg: SessionConfig,
+    warehouse: str | os.PathLike[str],
+    jars: list[str] | None = None,
+    ship_jars: bool = True,
 ) -> dict[str, str]:
     """Spark settings for a session: JVM flags, resources, adaptive execution, the catalog,
     Delta Lake, S3A from the AWS environment, and ``jars`` (see :func:`spark_jars`) on the
-    driver and the executors."""
+    driver and the executors.
+
+    ``ship_jars``: executors may run on other machines, so they fetch the jars from the driver
+    (``spark.jars``: each executor copies them, 290 MB, into its Ray session directory when it
+    starts). Without it (a Ray instance this process started: one node) the jars only go on the
+    driver's and the executors' classpaths, read where they are."""
     wh = _metastore_dir(warehouse)
     java_opts = " ".join(jvm_options())
     cores = cfg.num_executors * cfg.executor_cores
@@ -252,13 +268,19 @@ def spark_conf(
     # Lists a user's settings add to rather than replace.
     conf["spark.sql.extensions"] = _joined(",", user.get("spark.sql.extensions"), DELTA_EXTENSION)
     if jars:
-        # spark.jars: the driver's classpath, and executors fetch them from the driver (on any
-        # node); raydp.executor.extraClassPath: the executor JVMs' own classpath when started,
-        # where these paths exist (this node), so no class depends on the fetched copies there.
-        conf["spark.jars"] = _joined(",", user.get("spark.jars"), ",".join(jars))
+        # raydp.executor.extraClassPath: the executor JVMs' own classpath when they start, where
+        # these paths exist (this machine); spark.jars: the driver's classpath, and executors on
+        # any node fetch them from the driver (where the paths do not exist, the fetched copies
+        # serve). Without shipping, spark.driver.extraClassPath (RayDP appends its own to it).
         conf["raydp.executor.extraClassPath"] = _joined(
             ":", user.get("raydp.executor.extraClassPath"), ":".join(jars)
         )
+        if ship_jars:
+            conf["spark.jars"] = _joined(",", user.get("spark.jars"), ",".join(jars))
+        else:
+            conf["spark.driver.extraClassPath"] = _joined(
+                ":", user.get("spark.driver.extraClassPath"), ":".join(jars)
+            )
     return conf
 
 
@@ -364,6 +386,10 @@ def spark_on_ray(
             "AWS_CREDENTIAL_PROFILES_FILE", os.environ["AWS_SHARED_CREDENTIALS_FILE"]
         )
     try:
+        # Executors on other machines only in a cluster this process did not start itself.
+        one_node = not ray.is_initialized() and not (
+            cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        )
         started_ray = _connect_ray(cfg)
         if on_connect is not None:
             on_connect()  # e.g. refuse node-local locations on a multi-node cluster
@@ -376,7 +402,7 @@ def spark_on_ray(
                 executor_cores=cfg.executor_cores,
                 executor_memory=cfg.executor_memory,
                 enable_hive=cfg.enable_hive,
-                configs=spark_conf(cfg, warehouse, jars),
+                configs=spark_conf(cfg, warehouse, jars, ship_jars=not one_node),
             )
             spark.sparkContext.setLogLevel("WARN")
             log.info(

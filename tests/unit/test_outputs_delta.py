@@ -120,3 +120,33 @@ def test_catalog_locations_compare_with_and_without_the_file_scheme():
     assert outputs._same_location("file:/w/t", "/w/t/")
     assert outputs._same_location("s3a://b/w/t", "s3a://b/w/t")
     assert not outputs._same_location("file:/w/t", "/w/u")
+
+
+def test_a_window_table_of_the_parquet_file_sink_is_converted_once(tmp_path):
+    from rayline.streaming.job import _window_table_to_delta
+
+    class FakeSpark:
+        def __init__(self):
+            self.sql_calls = []
+
+        def sql(self, text):
+            self.sql_calls.append(text)
+
+    table = tmp_path / "windows"
+    (table / "_spark_metadata").mkdir(parents=True)
+    (table / "_spark_metadata" / "0").write_text("v1\n")
+    (table / "part-0.parquet").write_bytes(b"x")
+    spark = FakeSpark()
+    _window_table_to_delta(spark, table, "windows")
+    assert spark.sql_calls == [f"CONVERT TO DELTA parquet.`{table}`"]
+    assert not (table / "_spark_metadata").exists()  # no reader takes it for the file list
+    # a Delta table (or none yet) is left alone
+    (table / "_delta_log").mkdir()
+    _window_table_to_delta(spark, table, "windows")
+    _window_table_to_delta(spark, tmp_path / "none", "none")
+    assert len(spark.sql_calls) == 1
+    # a sink log with no batch yet: nothing to convert, the log goes
+    fresh = tmp_path / "fresh"
+    (fresh / "_spark_metadata").mkdir(parents=True)
+    _window_table_to_delta(spark, fresh, "fresh")
+    assert len(spark.sql_calls) == 1 and not (fresh / "_spark_metadata").exists()

@@ -118,6 +118,11 @@ def test_spark_conf_puts_the_jars_on_driver_and_executors_after_the_users(tmp_pa
         user["raydp.executor.extraClassPath"] == "/k/kafka.jar:/c/delta-spark.jar:/c/hadoop-aws.jar"
     )
     assert "spark.jars" not in spark_conf(SessionConfig(), tmp_path)
+    # a Ray instance of this process (one node): on the classpaths only, nothing shipped
+    local = spark_conf(SessionConfig(), tmp_path, jars, ship_jars=False)
+    assert "spark.jars" not in local
+    assert local["spark.driver.extraClassPath"] == "/c/delta-spark.jar:/c/hadoop-aws.jar"
+    assert local["raydp.executor.extraClassPath"] == "/c/delta-spark.jar:/c/hadoop-aws.jar"
 
 
 def test_s3a_settings_come_from_the_aws_environment_without_secrets(tmp_path, monkeypatch):
