@@ -11,8 +11,9 @@
 # Multi-node (`up --workers N`, N >= 1; root, Linux): a head and N worker nodes on this machine,
 # each its own `ray start --block` process tree, started with `setsid` (one process group per
 # node) inside its own mount namespace (`unshare --mount --propagation private`) and on its own
-# loopback address: head 127.0.0.1 (clients keep using 127.0.0.1:<dashboard port>), workers
-# 127.0.0.2, 127.0.0.3, ... Each node gets private tmpfs mounts over /tmp, /dev/shm and the
+# loopback address: workers 127.0.0.2, 127.0.0.3, ..., the head 127.0.0.254 (see node_ip: Ray
+# will not keep 127.0.0.1 as a node's address); clients keep using 127.0.0.1 (the dashboard and
+# job API on 127.0.0.1:<dashboard port>, Serve's proxy, the GCS at 127.0.0.1:<port>). Each node gets private tmpfs mounts over /tmp, /dev/shm and the
 # checkout's data/, warehouse/, runs/, registry/ and checkpoints/: a file one node writes there
 # is invisible to the others, as on separate machines. Shared: the network, the object store
 # (S3; give every location as s3://...), and the installed software (.venv, the checkout's code,
@@ -32,14 +33,21 @@
 #   head 0, workers 1..N, at base + 200 i): node manager +0, object manager +1, metrics export
 #   +2, dashboard agent HTTP +3 (the job agent on the head), dashboard agent gRPC +4, runtime env
 #   agent +5, Ray client server +6 (head), the autoscaler's and the dashboard's metrics +7, +8
-#   (head), worker processes +20..+199. Two multi-node clusters need different GCS ports and
-#   bases. RAYLINE_METRICS_PORT, RAYLINE_AGENT_PORT,
-#   RAYLINE_CLUSTER_CPUS and RAYLINE_RAY_TEMP_DIR apply to the single node only.
-#   State in .cache/cluster-<GCS port>/ (RAYLINE_CLUSTER_STATE): `nodes` (name ip pid pgid per
-#   line) and per node <name>/node.log (`ray start`'s output) and <name>/ray/, the node's Ray temp
-#   dir (its /tmp/ray, bind-mounted: logs under <name>/ray/session_latest/logs).
-#   `down` sends SIGTERM to each recorded process group, SIGKILL after 20 s; `status` lists the
-#   nodes (address, pid, alive) and prints `ray status`.
+#   (head), worker processes +20..+199. Ray's C++ servers (GCS, node and object managers), the
+#   agents' gRPC and the metrics servers listen on every address (Ray binds them to the node's
+#   address only for 127.0.0.1): they stay on these ports; everything else listens on 127.0.0.x.
+#   Two multi-node clusters need different GCS ports and bases. RAYLINE_METRICS_PORT,
+#   RAYLINE_AGENT_PORT, RAYLINE_CLUSTER_CPUS and RAYLINE_RAY_TEMP_DIR apply to the single node.
+#   State in .cache/cluster-<GCS port>/ (RAYLINE_CLUSTER_STATE, not under /tmp): `nodes` (name,
+#   address, pid, pgid, start time, mount namespace per line) and per node <name>/node.log (`ray
+#   start`'s output) and <name>/ray/, the node's Ray temp dir (its /tmp/ray, bind-mounted: logs
+#   under <name>/ray/session_latest/logs).
+#   `down` sends SIGTERM to each node's process group (`ray start` stops its node), then to every
+#   process left in a node's mount namespace, and SIGKILL after 20 s in all: Ray runs each worker process
+#   in a process group of its own and each job driver in a session of its own, so the namespace,
+#   not the group, holds all of a node. Processes are found by the recorded pid and namespace
+#   (checked by the node's own /tmp mount), never by name. `status` lists the nodes (address,
+#   pid, alive, processes) and prints `ray status`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -113,11 +121,26 @@ node_ip() { if [ "$1" = 0 ]; then echo "$HEAD_IP"; else echo "127.0.0.$(( $1 + 1
 # names the process, so a pid reused after the node died is never taken for the node.
 start_time() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $20}'; }
 alive() { [ -n "$1" ] && [ "$(start_time "$1")" = "$2" ]; }  # alive PID START
-group_alive() { [ -n "$1" ] && kill -0 -- "-$1" 2>/dev/null; }
-# Whether a recorded node's process group is still ours: its leader alive with the recorded
-# start time, or the leader gone (Linux gives no new process a pid that is still a live group's
-# id, so a group of that id is the node's remains).
-ours() { alive "$1" "$3" || { [ ! -e "/proc/$1" ] && group_alive "$2"; }; }  # ours PID PGID START
+
+# Every process of a node is in the node's mount namespace, whatever its process group: Ray puts
+# each worker process in a group of its own and each job's driver in a session of its own, so
+# the group that `ray start` leads holds only Ray's daemons. A node is therefore identified by
+# its namespace (the inode of /proc/PID/ns/mnt, recorded at start), checked to be the node's by
+# the tmpfs it mounted on /tmp (named after this cluster and node), never by process names.
+node_tag() { echo "rayline-$PORT-$1"; }
+mnt_ns() { stat -L -c %i "/proc/$1/ns/mnt" 2>/dev/null; }
+ns_pids() {  # ns_pids NS: the pids in mount namespace NS
+  stat -L -c '%n %i' /proc/[0-9]*/ns/mnt 2>/dev/null | awk -v ns="$1" '$2 == ns {split($1, p, "/"); print p[3]}'
+}
+node_pids() {  # node_pids NAME NS: the processes of node NAME (none if NS is not the node's)
+  local name="$1" ns="$2" pids first
+  [ -n "$ns" ] && [ "$ns" != "$(mnt_ns $$)" ] && [ "$ns" != "$(mnt_ns 1)" ] || return 0
+  pids=$(ns_pids "$ns")
+  first=$(head -1 <<<"$pids")
+  [ -n "$first" ] || return 0
+  grep -q " /tmp [^ ]*.* - tmpfs $(node_tag "$name")-tmp " "/proc/$first/mountinfo" 2>/dev/null || return 0
+  echo "$pids"
+}
 
 # Inside a node's new mount namespace (the script runs itself as `_node NAME INDEX` under
 # unshare): private tmpfs over /tmp, /dev/shm and the checkout's data directories, the node's
@@ -133,11 +156,11 @@ node_main() {
     token_src="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
     exec 3<"$token_src"  # opened before /tmp is covered (HOME may be under /tmp)
   fi
-  mount -t tmpfs -o mode=1777,size=8g "rayline-$name-tmp" /tmp
-  mount -t tmpfs -o mode=1777,size="${shm_mb}m" "rayline-$name-shm" /dev/shm
+  mount -t tmpfs -o mode=1777,size=8g "$(node_tag "$name")-tmp" /tmp
+  mount -t tmpfs -o mode=1777,size="${shm_mb}m" "$(node_tag "$name")-shm" /dev/shm
   local d
   for d in "${PRIVATE_DIRS[@]}"; do
-    mount -t tmpfs -o mode=755,size=4g "rayline-$name-$d" "$ROOT/$d"
+    mount -t tmpfs -o mode=755,size=4g "$(node_tag "$name")-$d" "$ROOT/$d"
   done
   mkdir -p /tmp/ray
   mount --bind "$STATE/$name/ray" /tmp/ray
@@ -187,7 +210,12 @@ start_node() {  # start_node NAME INDEX: in the background, its own session and 
   if [ -z "$pid" ]; then
     echo "cluster: node $name did not start" >&2; node_log_tail "$name"; down_nodes >&2; exit 1
   fi
-  echo "$name $(node_ip "$i") $pid $pid $(start_time "$pid")" >>"$NODES"
+  local ns
+  ns=$(mnt_ns "$pid")
+  if [ -z "$ns" ] || [ "$ns" = "$(mnt_ns $$)" ]; then
+    echo "cluster: node $name is not in a mount namespace of its own" >&2; node_log_tail "$name"; down_nodes >&2; exit 1
+  fi
+  echo "$name $(node_ip "$i") $pid $pid $(start_time "$pid") $ns" >>"$NODES"
 }
 
 node_log_tail() {  # the start log and the raylet's log of a node
@@ -205,12 +233,12 @@ alive_nodes() {  # alive nodes in `ray status` (lines "  1 node_<id>" under "Act
 
 fail_up() {  # fail_up MESSAGE: report, show the dead (else every) node's log tail, stop it all
   echo "cluster: $1" >&2
-  local name ip pid pgid start shown=0
-  while read -r name ip pid pgid start; do
+  local name ip pid pgid start ns shown=0
+  while read -r name ip pid pgid start ns; do
     if ! alive "$pid" "$start"; then echo "cluster: node $name ($ip, pid $pid) exited" >&2; node_log_tail "$name"; shown=1; fi
   done <"$NODES"
   if [ "$shown" = 0 ]; then
-    while read -r name ip pid pgid start; do node_log_tail "$name"; done <"$NODES"
+    while read -r name ip pid pgid start ns; do node_log_tail "$name"; done <"$NODES"
   fi
   down_nodes >&2
   exit 1
@@ -220,8 +248,8 @@ up_nodes() {
   local workers="$1"
   [ "$(id -u)" = 0 ] || { echo "cluster: --workers needs root (unshare --mount, tmpfs mounts)" >&2; exit 1; }
   if [ -s "$NODES" ]; then
-    local name ip pid pgid start any=0
-    while read -r name ip pid pgid start; do alive "$pid" "$start" && any=1; done <"$NODES"
+    local name ip pid pgid start ns any=0
+    while read -r name ip pid pgid start ns; do alive "$pid" "$start" && any=1; done <"$NODES"
     if [ "$any" = 1 ]; then echo "cluster: already up (nodes in $NODES); scripts/cluster.sh status"; exit 0; fi
   fi
   if status; then echo "cluster: a cluster not started by --workers answers on $addr: scripts/cluster.sh down first" >&2; exit 1; fi
@@ -250,16 +278,16 @@ up_nodes() {
   while :; do
     n=$(alive_nodes)
     [ "$n" -ge "$want" ] && break
-    local name ip pid pgid start
-    while read -r name ip pid pgid start; do
+    local name ip pid pgid start ns
+    while read -r name ip pid pgid start ns; do
       alive "$pid" "$start" || fail_up "node $name ($ip) exited during start-up ($n of $want nodes alive)"
     done <"$NODES"
     [ $(( SECONDS - t0 )) -lt "$UP_TIMEOUT" ] || fail_up "only $n of $want nodes alive in ray status after ${UP_TIMEOUT}s"
     sleep 2
   done
   echo "cluster: up with $want nodes; dashboard $addr (RAY_AUTH_MODE=$RAY_AUTH_MODE); GCS 127.0.0.1:$PORT"
-  local name ip pid pgid start
-  while read -r name ip pid pgid start; do
+  local name ip pid pgid start ns
+  while read -r name ip pid pgid start ns; do
     echo "  $name $ip pid $pid; logs $STATE/$name/ray/session_latest/logs"
   done <"$NODES"
   echo "  head: $HEAD_CPUS CPUs (drivers, Serve controller and proxy); workers: $WORKER_CPUS CPUs each; object store $(( OBJECT_STORE / 1048576 )) MiB per node"
@@ -269,33 +297,61 @@ up_nodes() {
   echo "    -- python workloads/batch_pipeline.py --spec pipelines/flights.yaml"
 }
 
-down_nodes() {  # SIGTERM each recorded node's process group, SIGKILL what is left after 20 s
+down_nodes() {  # SIGTERM each node's process group, then its other processes; SIGKILL after 20 s
   [ -s "$NODES" ] || { echo "cluster: down (no nodes recorded in $NODES)"; rm -f "$NODES"; return 0; }
-  local name ip pid pgid start groups=()
-  while read -r name ip pid pgid start; do
+  local name ip pid pgid start ns stopped=0 left
+  while read -r name ip pid pgid start ns; do
     [ "$pgid" != "$(ps -o pgid= -p $$ | tr -d ' ')" ] || continue  # never this script's own group
-    if ours "$pid" "$pgid" "$start"; then kill -TERM -- "-$pgid" 2>/dev/null || true; groups+=("$pgid"); fi
+    # `ray start --block` stops its node's processes on SIGTERM; the group is its daemons.
+    # Without its leader the group id may be anyone's: then the node's own processes.
+    if alive "$pid" "$start"; then
+      kill -TERM -- "-$pgid" 2>/dev/null || true
+      stopped=$(( stopped + 1 ))
+    else
+      left=$(node_pids "$name" "$ns" | tr '\n' ' ')
+      # shellcheck disable=SC2086  # one word per pid
+      if [ -n "${left// /}" ]; then kill -TERM $left 2>/dev/null || true; stopped=$(( stopped + 1 )); fi
+    fi
   done < <(tac "$NODES")  # workers first, then the head
-  local g left
-  for _ in $(seq 1 40); do
-    left=0
-    for g in "${groups[@]+"${groups[@]}"}"; do group_alive "$g" && left=1; done
-    [ "$left" = 0 ] && break
+  # Then what `ray start` left (job drivers run in sessions of their own): SIGTERM, and SIGKILL
+  # after 20 s in all.
+  local t0=$SECONDS termed=0
+  while [ $(( SECONDS - t0 )) -lt 20 ]; do
+    left=""
+    while read -r name ip pid pgid start ns; do left+=$(node_pids "$name" "$ns"); done <"$NODES"
+    [ -z "$left" ] && break
+    if [ "$termed" = 0 ]; then
+      local leaders=0
+      while read -r name ip pid pgid start ns; do alive "$pid" "$start" && leaders=1; done <"$NODES"
+      if [ "$leaders" = 0 ] || [ $(( SECONDS - t0 )) -ge 10 ]; then
+        while read -r name ip pid pgid start ns; do
+          # shellcheck disable=SC2046  # one word per pid
+          kill -TERM $(node_pids "$name" "$ns") 2>/dev/null || true
+        done <"$NODES"
+        termed=1
+      fi
+    fi
     sleep 0.5
   done
-  for g in "${groups[@]+"${groups[@]}"}"; do
-    if group_alive "$g"; then echo "cluster: process group $g still running after 20 s: SIGKILL"; kill -KILL -- "-$g" 2>/dev/null || true; fi
-  done
+  while read -r name ip pid pgid start ns; do
+    left=$(node_pids "$name" "$ns" | tr '\n' ' ')
+    if [ -n "${left// /}" ]; then
+      echo "cluster: node $name still has processes after 20 s (${left% }): SIGKILL"
+      # shellcheck disable=SC2086  # one word per pid
+      kill -KILL $left 2>/dev/null || true
+    fi
+  done <"$NODES"
   rm -f "$NODES"
-  echo "cluster: down (${#groups[@]} node(s) stopped)"
+  echo "cluster: down ($stopped node(s) stopped)"
 }
 
 status_nodes() {
-  local name ip pid pgid start up=0
-  printf '%-9s %-12s %-8s %-8s %s\n' node address pid pgid alive
-  while read -r name ip pid pgid start; do
-    if alive "$pid" "$start"; then up=1; printf '%-9s %-12s %-8s %-8s %s\n' "$name" "$ip" "$pid" "$pgid" yes
-    else printf '%-9s %-12s %-8s %-8s %s\n' "$name" "$ip" "$pid" "$pgid" no; fi
+  local name ip pid pgid start ns up=0 n
+  printf '%-9s %-12s %-8s %-6s %s\n' node address pid alive processes
+  while read -r name ip pid pgid start ns; do
+    n=$(node_pids "$name" "$ns" | grep -c . || true)
+    if alive "$pid" "$start"; then up=1; printf '%-9s %-12s %-8s %-6s %s\n' "$name" "$ip" "$pid" yes "$n"
+    else printf '%-9s %-12s %-8s %-6s %s\n' "$name" "$ip" "$pid" no "$n"; fi
   done <"$NODES"
   if [ "$up" = 1 ] && status; then
     echo "cluster: up; dashboard $addr"
