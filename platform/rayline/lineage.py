@@ -7,12 +7,15 @@ fingerprints, schemas and row counts, the stage's parameters and the code versio
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from typing import Any
 
 from .runstore import now_iso
 from .storage import Loc, append_text
+
+log = logging.getLogger("rayline")
 
 __all__ = ["LineageLog", "dataset", "read_events", "format_graph"]
 
@@ -124,8 +127,14 @@ class LineageLog:
             "inputs": inputs or [],
             "outputs": outputs or [],
         }
-        with self._lock:
-            append_text(self.path, json.dumps(event, default=str) + "\n")
+        try:
+            with self._lock:
+                append_text(self.path, json.dumps(event, default=str) + "\n")
+        except OSError as e:
+            if event_type != "FAIL":
+                raise
+            # Recording a failure must not replace it (the store may be what failed).
+            log.error("could not record the lineage event %s of %s: %s", event_type, stage, e)
         return event
 
 

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 import traceback
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from .outputs import link_table, txn_version_of, write_table
 from .preflight import check_locations, check_shared
 from .runstore import RunStore, now_iso
 from .stages import analytics, quality, schema, transform
-from .storage import Loc, spark_path
+from .storage import Loc, location, spark_path
 
 __all__ = ["RunResult", "RunFailed", "run_pipeline", "code_version"]
 
@@ -176,7 +175,15 @@ class _Run:
         self.record["ended_at"] = now_iso()
         self.record["error"] = error
         self.record["attempts"][-1].update(status=status, ended_at=self.record["ended_at"])
-        self.save()
+        try:
+            self.save()
+        except OSError as e:
+            if status == "succeeded":
+                raise
+            # The run store is unreachable (e.g. the object store went away, taking the publish
+            # down with it): the run's own failure is what the caller must see; the record
+            # keeps its last state ("running"), which --resume accepts.
+            log.error("run %s: could not record its end (%s): %s", self.run_id, status, e)
 
 
 def _reusable(prev: dict[str, Any] | None, i: int, fp: str) -> dict[str, Any] | None:
@@ -186,7 +193,7 @@ def _reusable(prev: dict[str, Any] | None, i: int, fp: str) -> dict[str, Any] | 
     if p.get("status") not in ("succeeded", "reused") or p.get("fingerprint") != fp:
         return None
     outputs = p.get("outputs") or {}
-    if not all(os.path.exists(v) for v in outputs.values()):
+    if not all(location(v).exists() for v in outputs.values()):  # paths or s3:// URIs
         return None
     return p
 

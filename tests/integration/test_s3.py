@@ -209,3 +209,77 @@ def test_pipeline_with_every_location_on_s3(spark, prefix):
         if obj.name.endswith((".json", ".jsonl", ".html", ".txt", ".log", ".crc")):
             assert secret not in obj.read_bytes(), str(obj)
     assert secret not in json.dumps(rec).encode()
+
+
+def _objectstore(action: str) -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "objectstore.sh"
+    r = subprocess.run([str(script), action], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(
+    not os.environ.get("RAYLINE_OBJECTSTORE_DIR"),
+    reason="stops and restarts the object store: needs the instance scripts/test.sh starts",
+)
+def test_store_down_mid_publish_then_resume_appends_once(spark, prefix, monkeypatch):
+    """The object store stops while the run publishes: the run fails naming 'publish', the
+    table stays at its previous version (intact, readable), and --resume after the store is
+    back appends the run's rows exactly once."""
+    from deltalake import DeltaTable
+
+    from rayline import runner
+    from rayline.outputs import storage_options
+    from rayline.runner import RunFailed, run_pipeline
+
+    _upload_flights_like(prefix)
+    table = f"s3o_{uuid.uuid4().hex[:8]}"
+    spec = _spec(
+        prefix,
+        table,
+        outputs={
+            "curated": {"table": table, "mode": "append"},
+            "quarantine": {"table": f"{table}_q"},
+        },
+    )
+    first = run_pipeline(spec, spark=spark)
+    path = first.record["outputs"]["curated"]["path"].replace("s3a://", "s3://")
+
+    def rows() -> int:
+        return DeltaTable(path, storage_options=storage_options()).to_pyarrow_table().num_rows
+
+    assert rows() == 60
+
+    real_write, real_link = runner.write_table, runner.link_table
+    stopped: list[float] = []
+
+    def store_goes_away(real):
+        def publish(*a, **k):
+            if not stopped:
+                _objectstore("stop")
+                stopped.append(time.monotonic())
+            return real(*a, **k)
+
+        return publish
+
+    monkeypatch.setattr(runner, "write_table", store_goes_away(real_write))
+    monkeypatch.setattr(runner, "link_table", store_goes_away(real_link))
+    try:
+        with pytest.raises(RunFailed, match="in stage 'publish'") as e:
+            run_pipeline(spec, spark=spark)
+        failed_after = time.monotonic() - stopped[0]
+    finally:
+        monkeypatch.setattr(runner, "write_table", real_write)
+        monkeypatch.setattr(runner, "link_table", real_link)
+        _objectstore("start")
+    storage._filesystem.cache_clear()
+    print(f"publish failed {failed_after:.0f} s after the store stopped")
+    assert rows() == 60  # the previous version, intact
+
+    resumed = run_pipeline(spec, spark=spark, resume=e.value.run_id)
+    assert resumed.record["status"] == "succeeded"
+    assert rows() == 120  # appended once
+    with pytest.raises(RunFailed, match="already succeeded"):
+        run_pipeline(spec, spark=spark, resume=e.value.run_id)
+    assert rows() == 120

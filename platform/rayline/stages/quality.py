@@ -390,8 +390,10 @@ def run(df: Any, cfg: QualityStage, ctx: RunContext) -> tuple[Any, dict[str, Any
 
     base = spark_path(ctx.stage_dir() / "rows")
     ctx.progress(f"evaluating {len(cfg.rules)} rule(s) in one pass")
-    remove_tree(location(base))  # a resumed attempt: never mix in the last attempt's parts
-    rows.write.partitionBy(KIND, *part_cols).parquet(base)
+    # A resumed attempt: never mix in the last attempt's parts (overwrite too: an object store
+    # may keep an emptied prefix as a directory).
+    remove_tree(location(base))
+    rows.write.mode("overwrite").partitionBy(KIND, *part_cols).parquet(base)
     report = _summarise(obs.get, cfg, ctx, list(flags))
 
     clean, failing = _kept_and_failing(cfg, ctx, base, df.schema, part_cols)
