@@ -42,8 +42,9 @@ def stream_spec_raw(tmp, kafka, registry, **streaming):
     return raw
 
 
-def register_model(registry, version_epochs=1):
-    """A small real model on flights columns, registered (Keras on Ray Train)."""
+def register_model(registry, version_epochs=1, scratch=None):
+    """A small real model on flights columns, registered (Keras on Ray Train) in ``registry``
+    (a directory, or a URI with ``scratch`` a local directory for the training run)."""
     import ray.data
 
     from rayline.ml.features import fit_preprocessor
@@ -64,7 +65,8 @@ def register_model(registry, version_epochs=1):
     )
     splits, _ = split_dataset(ray.data.from_pandas(df), ml)
     pre = fit_preprocessor(splits["train"], ml)
-    out = fit_keras(splits, pre, ml, registry.parent / "train", f"m-{uuid.uuid4().hex[:6]}")
+    train_dir = (scratch or registry.parent) / "train"
+    out = fit_keras(splits, pre, ml, train_dir, f"m-{uuid.uuid4().hex[:6]}")
     reg = ModelRegistry(str(registry))
     return reg.register(
         "stream_model",

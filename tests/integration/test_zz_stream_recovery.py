@@ -123,3 +123,59 @@ def test_killed_job_and_restarted_broker_lose_and_duplicate_nothing(spark, kafka
         f"{len(offsets)} outputs for {N} inputs; duplicates: "
         f"{sorted({o for o in offsets if offsets.count(o) > 1})[:10]}"
     )
+
+
+@pytest.mark.skipif(
+    not os.environ.get("AWS_ENDPOINT_URL") or not os.environ.get("RAYLINE_S3_BUCKET"),
+    reason="no object store: start scripts/objectstore.sh and eval its `env` (test.sh does)",
+)
+def test_killed_job_with_checkpoints_on_s3_loses_and_duplicates_nothing(spark, kafka, tmp_path):
+    """The same kill and restart with the queries' checkpoints (and the job's markers) on the S3
+    server, the model in a registry on S3 too: every input event has exactly one output."""
+    import uuid
+
+    from rayline.ml.registry import ModelRegistry
+    from rayline.storage import location, remove_tree
+
+    base = location(f"s3://{os.environ['RAYLINE_S3_BUCKET']}/tests/stream-{uuid.uuid4().hex[:10]}")
+    registry = str(base / "registry")
+    ModelRegistry(registry).set_alias(
+        "stream_model", "champion", register_model(registry, scratch=tmp_path)
+    )
+    raw = stream_spec_raw(tmp_path, kafka, registry, max_offsets_per_trigger=100, trigger_seconds=1)
+    raw.pop("ml")
+    raw["session"]["app_name"] = "rayline-recovery-s3"
+    s = raw["streaming"]
+    s.pop("window")
+    s["checkpoint_location"] = str(base / "checkpoints")
+    raw["run_store"] = str(base / "runs")
+    spec_path = tmp_path / "stream.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    n = 800
+    assert replay_frame(iter(flights_rows(0, n)), s["input_topic"], kafka) == n
+
+    def commits() -> int:
+        root = location(s["checkpoint_location"])
+        return sum(1 for p in root.rglob("[0-9]*") if p.parent.name == "commits")
+
+    log = (tmp_path / "job.log").open("w")
+    try:
+        job = start_job(spec_path, log)
+        try:
+            wait_for(commits_at_least(commits, 2), 400, "the first micro-batches", every=1)
+        finally:
+            kill_group(job)
+        assert len(outputs(s, kafka)) < n, "the job finished before it could be killed"
+        final = start_job(spec_path, log, "--available-now")
+        assert final.wait(timeout=600) == 0, (tmp_path / "job.log").read_text()[-3000:]
+        offsets = outputs(s, kafka)
+        assert sorted(offsets) == list(range(n)), (
+            f"{len(offsets)} outputs for {n} inputs; duplicates: "
+            f"{sorted({o for o in offsets if offsets.count(o) > 1})[:10]}"
+        )
+    finally:
+        remove_tree(base)
+
+
+def commits_at_least(count, n):
+    return lambda: count() >= n
