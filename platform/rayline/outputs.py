@@ -79,6 +79,7 @@ __all__ = [
     "read_table_arrow",
     "table_snapshot",
     "is_delta_table",
+    "with_version",
 ]
 
 log = logging.getLogger("rayline")
@@ -188,6 +189,21 @@ def read_table_arrow(location: str, version: int | None = None) -> Any:
     """A Delta table's rows at ``version`` (default: current) as a ``pyarrow.Table``, without
     Spark."""
     return delta_table(location, version).to_pyarrow_table()
+
+
+def with_version(ds: dict[str, Any], version: int | None) -> dict[str, Any]:
+    """An OpenLineage dataset (:func:`rayline.lineage.dataset`) with the table's Delta version
+    (the standard ``version`` dataset facet), so that an event names the exact data."""
+    if version is not None:
+        from .lineage import PRODUCER
+
+        ds["facets"]["version"] = {
+            "_producer": PRODUCER,
+            "_schemaURL": "https://openlineage.io/spec/facets/1-0-1/"
+            "DatasetVersionDatasetFacet.json#/$defs/DatasetVersionDatasetFacet",
+            "datasetVersion": str(version),
+        }
+    return ds
 
 
 # -- writing ------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from .config import (
 )
 from .context import QUARANTINE_COLUMNS, REASONS, RunContext, StageError
 from .lineage import LineageLog, dataset
-from .outputs import link_table, txn_version_of, write_table
+from .outputs import link_table, txn_version_of, with_version, write_table
 from .preflight import check_locations, check_shared
 from .runstore import RunStore, now_iso
 from .stages import analytics, quality, schema, transform
@@ -437,8 +437,16 @@ def _publish(
         params=spec.outputs.model_dump(),
         inputs=[prev_ds] if prev_ds else [],
         outputs=[
-            dataset("file", cur["path"], schema=df.schema, rows=cur["rows"], table=cur["table"]),
-            dataset("file", q_out["path"], rows=q_out["rows"], table=q_out["table"]),
+            with_version(
+                dataset(
+                    "file", cur["path"], schema=df.schema, rows=cur["rows"], table=cur["table"]
+                ),
+                cur.get("version"),
+            ),
+            with_version(
+                dataset("file", q_out["path"], rows=q_out["rows"], table=q_out["table"]),
+                q_out.get("version"),
+            ),
         ],
     )
     log.info(

@@ -229,3 +229,60 @@ def test_schema_and_partitioning_change_with_overwrite_and_append(spark, tmp_pat
     assert (again["version"], again["rows"], again["rows_written"]) == (2, 6, 0)
     t = read_table_arrow(loc)
     assert sorted(t["note"].to_pylist(), key=str) == [None, None, None, "x", "x", "x"]
+
+
+def test_a_resumed_run_appends_its_rows_once_and_names_the_versions(
+    spark, write_csv, make_spec, monkeypatch, tmp_path
+):
+    """The run fails after its curated append committed (the quarantine table's write fails):
+    resuming it publishes again with the same transaction version, which Delta skips; a new run
+    appends. The run record and the lineage events name the versions."""
+    import threading
+
+    from rayline import runner
+    from rayline.outputs import is_delta_table
+    from rayline.runner import RunFailed, run_pipeline
+
+    from .test_stages import adults_stages, people_sources
+
+    table = f"delta_resume_{tmp_path.name[-8:]}"
+    spec = make_spec(
+        people_sources(write_csv),
+        adults_stages(severity="quarantine"),
+        outputs={"curated": {"table": table, "mode": "append"}},
+    )
+    loc = table_location(spec.warehouse, table)
+    real = runner.write_table
+
+    def quarantine_fails(s, df, out, warehouse, run_id, **kw):
+        if out.table != table:
+            for _ in range(600):  # once the curated append has committed
+                if is_delta_table(loc):
+                    break
+                threading.Event().wait(0.1)
+            raise OSError("disk full")
+        return real(s, df, out, warehouse, run_id, **kw)
+
+    monkeypatch.setattr(runner, "write_table", quarantine_fails)
+    with pytest.raises(RunFailed, match="disk full") as e:
+        run_pipeline(spec, spark=spark)
+    monkeypatch.setattr(runner, "write_table", real)
+    assert len(read_table_arrow(loc)) == 5  # committed before the run failed
+
+    resumed = run_pipeline(spec, spark=spark, resume=e.value.run_id)
+    cur = resumed.record["outputs"]["curated"]
+    assert (cur["version"], cur["rows"], cur["rows_written"]) == (0, 5, 0)
+    assert len(read_table_arrow(loc)) == 5
+
+    later = run_pipeline(spec, spark=spark)
+    cur = later.record["outputs"]["curated"]
+    assert (cur["version"], cur["rows"], cur["rows_written"]) == (1, 10, 5)
+    events = [
+        json.loads(x)
+        for x in Path(later.run_dir, "lineage", "events.jsonl").read_text().splitlines()
+    ]
+    published = next(
+        e for e in events if e["job"]["name"].endswith(".publish") and e["eventType"] == "COMPLETE"
+    )
+    versions = {o["name"]: o["facets"]["version"]["datasetVersion"] for o in published["outputs"]}
+    assert versions[loc] == "1"

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import PipelineSpec, QualityStage, SpecError
 from ..lineage import LineageLog, dataset
-from ..outputs import is_delta_table, table_location, table_snapshot
+from ..outputs import is_delta_table, table_location, table_snapshot, with_version
 from ..preflight import check_locations, check_shared
 from ..runstore import RunStore, now_iso
 from ..storage import location, spark_path
@@ -142,7 +142,11 @@ def train_after_publish(run: Any, ctx: Any, df: Any) -> None:
     spec = ctx.spec
     ml = spec.ml
     cur = run.record["outputs"]["curated"]
-    inputs = [dataset("file", cur["path"], rows=cur["rows"], table=cur["table"])]
+    inputs = [
+        with_version(
+            dataset("file", cur["path"], rows=cur["rows"], table=cur["table"]), cur.get("version")
+        )
+    ]
     log.info("[ml] train: handing %s to Ray Data", cur["table"])
     with _recorded(run, ctx.lineage, inputs, ml.model_dump()) as holder:
         ds = spark_to_ray(df)
@@ -207,7 +211,7 @@ def train_from_table(
     run = _Run(spec, store, spec_path, resume, [("train", "ml")])
     producer = _latest_producer(store, spec, path)
     lineage = LineageLog(run.run_dir, spec.name, run.run_id, run.record["code_version"])
-    inputs = [dataset("file", path, table=table, fingerprint=fingerprint)]
+    inputs = [with_version(dataset("file", path, table=table, fingerprint=fingerprint), version)]
     log.info("run %s: training on %s (record: %s)", run.run_id, table, run.run_dir / "run.json")
     try:
         shared = lambda: check_shared(spec, sources=False, registry=True)  # noqa: E731
