@@ -201,14 +201,16 @@ start_node() {  # start_node NAME INDEX: in the background, its own session and 
   # Ray's daemons keep the output streams they start with: a log file, never a pipe.
   setsid unshare --mount --propagation private -- "$ROOT/scripts/cluster.sh" _node "$name" "$i" \
     >"$STATE/$name/node.log" 2>&1 </dev/null &
+  local bg=$!
   # The node writes its own pid (a session leader's: its pgid) once inside its namespace; it
   # keeps it through the exec of ray start.
-  for _ in $(seq 1 100); do
+  for _ in $(seq 1 300); do
     [ -s "$STATE/$name/pid" ] && pid=$(cat "$STATE/$name/pid") && break
     sleep 0.1
   done
   if [ -z "$pid" ]; then
-    echo "cluster: node $name did not start" >&2; node_log_tail "$name"; down_nodes >&2; exit 1
+    kill -KILL "$bg" 2>/dev/null || true  # what this call started, by its pid
+    echo "cluster: node $name did not start within 30 s" >&2; node_log_tail "$name"; down_nodes >&2; exit 1
   fi
   local ns
   ns=$(mnt_ns "$pid")
