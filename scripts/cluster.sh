@@ -41,7 +41,7 @@
 #   State in .cache/cluster-<GCS port>/ (RAYLINE_CLUSTER_STATE, not under /tmp): `nodes` (name,
 #   address, pid, pgid, start time, mount namespace per line) and per node <name>/node.log (`ray
 #   start`'s output) and <name>/ray/, the node's Ray temp dir (its /tmp/ray, bind-mounted: logs
-#   under <name>/ray/session_latest/logs).
+#   under <name>/ray/session_*/logs; session_latest there links to the node's own /tmp/ray).
 #   `down` sends SIGTERM to each node's process group (`ray start` stops its node), then to every
 #   process left in a node's mount namespace, and SIGKILL after 20 s in all: Ray runs each worker process
 #   in a process group of its own and each job driver in a session of its own, so the namespace,
@@ -220,12 +220,17 @@ start_node() {  # start_node NAME INDEX: in the background, its own session and 
   echo "$name $(node_ip "$i") $pid $pid $(start_time "$pid") $ns" >>"$NODES"
 }
 
-node_log_tail() {  # the start log and the raylet's log of a node
-  local name="$1"
+node_log_tail() {  # a node's start log, and the errors its raylet and GCS logged
+  local name="$1" logs f
   echo "--- $STATE/$name/node.log (last 25 lines)" >&2
   tail -25 "$STATE/$name/node.log" >&2 2>/dev/null || true
-  local raylet="$STATE/$name/ray/session_latest/logs/raylet.out"
-  if [ -f "$raylet" ]; then echo "--- $raylet (last 15 lines)" >&2; tail -15 "$raylet" >&2; fi
+  # session_latest links to the node's own /tmp/ray: the newest session dir instead.
+  logs=$(find "$STATE/$name/ray" -maxdepth 1 -name 'session_2*' -type d -printf '%T@ %p\n' 2>/dev/null | sort -rn | awk 'NR==1{print $2}')
+  for f in raylet.out gcs_server.out; do
+    if [ -z "$logs" ] || [ ! -f "$logs/logs/$f" ]; then continue; fi
+    echo "--- $logs/logs/$f (errors, last 5)" >&2
+    { grep -E '^\[[^]]* [CFE] ' "$logs/logs/$f" || true; } | tail -5 | cut -c1-500 >&2
+  done
 }
 
 alive_nodes() {  # alive nodes in `ray status` (lines "  1 node_<id>" under "Active:")
@@ -290,7 +295,7 @@ up_nodes() {
   echo "cluster: up with $want nodes; dashboard $addr (RAY_AUTH_MODE=$RAY_AUTH_MODE); GCS 127.0.0.1:$PORT"
   local name ip pid pgid start ns
   while read -r name ip pid pgid start ns; do
-    echo "  $name $ip pid $pid; logs $STATE/$name/ray/session_latest/logs"
+    echo "  $name $ip pid $pid; logs $STATE/$name/ray/session_*/logs"
   done <"$NODES"
   echo "  head: $HEAD_CPUS CPUs (drivers, Serve controller and proxy); workers: $WORKER_CPUS CPUs each; object store $(( OBJECT_STORE / 1048576 )) MiB per node"
   echo "  shared storage: only the object store; give data, warehouse, runs, registry and checkpoints as s3:// locations"
