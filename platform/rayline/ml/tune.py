@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..storage import Loc, append_text, location
+from ..storage import Loc, ObjectPath, append_text, location
 from .features import Preprocessor
 from .spec import MLSpec, TuningSpec
 from .train import HISTORY_FILE, TrainOutcome, fit_keras, model_params
@@ -177,7 +177,7 @@ def tune_keras(
         first = errors[0] if errors else "no trial reported a finite val_loss with a checkpoint"
         raise RuntimeError(f"tune {name!r}: all {len(trials)} trial(s) failed; first: {first}")
     best_trial, best_result = min(usable, key=lambda tr: tr[0]["last_val_loss"])
-    best = _outcome(best_result, model_params(ml, best_trial["params"]))
+    best = _outcome(best_result, model_params(ml, best_trial["params"]), storage)
     log.info(
         "tune %s: %d trial(s) in %.1fs (%s); best %s val_loss %.4f %s",
         name,
@@ -435,12 +435,14 @@ def _summary(result: Any, keys: list[str]) -> dict[str, Any]:
     }
 
 
-def _outcome(result: Any, params: dict[str, Any]) -> TrainOutcome:
-    """Rebuild a TrainOutcome from a trial's last checkpoint, copied to a fresh local dir."""
+def _outcome(result: Any, params: dict[str, Any], storage: Loc) -> TrainOutcome:
+    """Rebuild a TrainOutcome from a trial's last checkpoint, copied to a fresh local dir.
+    The reported path is within the storage's filesystem (``bucket/key`` on S3)."""
     from ray.train import Checkpoint
 
     local = Path(tempfile.mkdtemp(prefix="rayline-model-"))
-    Checkpoint(result.metrics["checkpoint_path"]).to_directory(str(local))
+    fs = storage.fs if isinstance(storage, ObjectPath) else None
+    Checkpoint(result.metrics["checkpoint_path"], filesystem=fs).to_directory(str(local))
     history = json.loads((local / HISTORY_FILE).read_text())
     metrics = {k: v for k, v in result.metrics.items() if k not in _TUNE_KEYS}
     seconds = float(result.metrics.get("time_total_s", math.nan))
