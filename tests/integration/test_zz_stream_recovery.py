@@ -65,6 +65,14 @@ def wait_for(cond, limit, what, every=0.2):
     raise AssertionError(f"timed out after {limit}s waiting for {what}")
 
 
+def assert_exactly_once(offsets, n):
+    """One output (prediction or dead letter) per input offset 0..n-1."""
+    assert sorted(offsets) == list(range(n)), (
+        f"{len(offsets)} outputs for {n} inputs; duplicates: "
+        f"{sorted({o for o in offsets if offsets.count(o) > 1})[:10]}"
+    )
+
+
 def test_killed_job_and_restarted_broker_lose_and_duplicate_nothing(spark, kafka, tmp_path):
     registry = tmp_path / "registry"
     from rayline.ml.registry import ModelRegistry
@@ -118,11 +126,7 @@ def test_killed_job_and_restarted_broker_lose_and_duplicate_nothing(spark, kafka
     # 3. Drain what is left, then count.
     final = start_job(spec_path, log, "--available-now")
     assert final.wait(timeout=600) == 0, (tmp_path / "job.log").read_text()[-3000:]
-    offsets = outputs(s, kafka)
-    assert sorted(offsets) == list(range(N)), (
-        f"{len(offsets)} outputs for {N} inputs; duplicates: "
-        f"{sorted({o for o in offsets if offsets.count(o) > 1})[:10]}"
-    )
+    assert_exactly_once(outputs(s, kafka), N)
 
 
 @pytest.mark.skipif(
@@ -168,11 +172,7 @@ def test_killed_job_with_checkpoints_on_s3_loses_and_duplicates_nothing(spark, k
         assert len(outputs(s, kafka)) < n, "the job finished before it could be killed"
         final = start_job(spec_path, log, "--available-now")
         assert final.wait(timeout=600) == 0, (tmp_path / "job.log").read_text()[-3000:]
-        offsets = outputs(s, kafka)
-        assert sorted(offsets) == list(range(n)), (
-            f"{len(offsets)} outputs for {n} inputs; duplicates: "
-            f"{sorted({o for o in offsets if offsets.count(o) > 1})[:10]}"
-        )
+        assert_exactly_once(outputs(s, kafka), n)
     finally:
         remove_tree(base)
 
