@@ -253,7 +253,7 @@ def test_flights_pipeline_as_a_ray_job(pipeline_job, shared, metrics):
     assert rec["status"] == "succeeded"
     cur, q = rec["outputs"]["curated"], rec["outputs"]["quarantine"]
     assert cur["rows"] + q["rows"] == 336_776 and cur["rows"] > 330_000
-    assert Path(cur["path"], "_SUCCESS").exists()
+    assert Path(cur["path"], "_delta_log").is_dir() and cur["version"] == 0  # a Delta commit
     assert Path(runs[0].parent, "report.html").exists()
     assert rec["code_version"].startswith("0.1.0")
 
