@@ -156,7 +156,21 @@ node_main() {
     token_src="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
     exec 3<"$token_src"  # opened before /tmp is covered (HOME may be under /tmp)
   fi
+  # A checkout under /tmp (a CI clone) stays visible: held by a bind mount outside /tmp while
+  # the node's tmpfs covers /tmp, then bound back to its path.
+  local hold=""
+  case "$ROOT/" in
+    /tmp/*)
+      hold=$(mktemp -d -p /run 2>/dev/null || mktemp -d -p /var/tmp)
+      mount --bind "$ROOT" "$hold"
+      ;;
+  esac
   mount -t tmpfs -o mode=1777,size=8g "$(node_tag "$name")-tmp" /tmp
+  if [ -n "$hold" ]; then
+    mkdir -p "$ROOT"
+    mount --bind "$hold" "$ROOT"
+    umount "$hold" && rmdir "$hold"
+  fi
   mount -t tmpfs -o mode=1777,size="${shm_mb}m" "$(node_tag "$name")-shm" /dev/shm
   local d
   for d in "${PRIVATE_DIRS[@]}"; do
@@ -260,7 +274,10 @@ up_nodes() {
     if [ "$any" = 1 ]; then echo "cluster: already up (nodes in $NODES); scripts/cluster.sh status"; exit 0; fi
   fi
   if status; then echo "cluster: a cluster not started by --workers answers on $addr: scripts/cluster.sh down first" >&2; exit 1; fi
-  case "$STATE/" in /tmp/*) echo "cluster: the state dir $STATE must not be under /tmp (each node covers its /tmp)" >&2; exit 2 ;; esac
+  case "$STATE/" in
+    "$ROOT"/*) ;;  # the checkout stays visible in every node, also under /tmp
+    /tmp/*) echo "cluster: the state dir $STATE must not be under /tmp (each node covers its /tmp)" >&2; exit 2 ;;
+  esac
   if [ "$PORT_BASE" -lt 1024 ] || [ $(( PORT_BASE + 200 * (workers + 1) )) -gt 30000 ]; then
     echo "cluster: node ports $PORT_BASE..$(( PORT_BASE + 200 * (workers + 1) - 1 )) must lie in 1024..29999 (above: the object store's gRPC ports, then the ephemeral range): change RAYLINE_NODE_PORT_BASE or --workers" >&2
     exit 2
