@@ -65,7 +65,7 @@ from typing import Any
 
 from .config import OutputSpec
 from .storage import ObjectPath, is_uri
-from .storage import location as _location
+from .storage import location as storage_location
 from .storage import spark_path as spark_uri
 
 __all__ = [
@@ -98,7 +98,7 @@ DELTA_SPARK_LINE = "3.3."
 def table_location(warehouse: str | os.PathLike[str], table: str) -> str:
     """Where the table ``table`` lives: an absolute local path, or a URI under a warehouse URI
     (``s3://bucket/prefix/table``)."""
-    return str(_location(warehouse) / table.replace(".", "/"))
+    return str(storage_location(warehouse) / table.replace(".", "/"))
 
 
 def table_path(warehouse: str | os.PathLike[str], table: str) -> Path:
@@ -142,7 +142,7 @@ def _fs(loc: str) -> tuple[Any, str]:
     """A ``pyarrow.fs`` file system for a location and the path within it."""
     import pyarrow.fs as pafs
 
-    where = _location(loc)
+    where = storage_location(loc)
     if isinstance(where, ObjectPath):
         return where.fs, where.fs_path
     return pafs.LocalFileSystem(), str(where)
@@ -453,7 +453,7 @@ def _last_commit(spark: Any, sloc: str, loc: str) -> tuple[int, dict[str, str]]:
     log's listing, the metrics from that commit's ``commitInfo`` (the log file itself; Delta's
     ``history()`` would run a Spark job for it)."""
     version = _current_version(spark, sloc)
-    commit = _location(loc) / "_delta_log" / f"{version:020d}.json"
+    commit = storage_location(loc) / "_delta_log" / f"{version:020d}.json"
     for line in commit.read_text().splitlines():
         info = json.loads(line).get("commitInfo") if line.strip() else None
         if info is not None:
